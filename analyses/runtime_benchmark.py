@@ -1,16 +1,21 @@
-"""Memory and speed of the compressed-KV runtime vs Hugging Face's full cache, Llama-3.1-8B shape, on a GPU.
+"""Memory and speed of the compressed-KV runtime vs Hugging Face's caches and kvpress, Llama-3.1-8B shape, on a GPU.
 
     python analyses/runtime_benchmark.py OUT.json [--contexts 8192 32768 131072] [--new-tokens 32]
-        [--check] [--microbench] [--readme]
+        [--kinds hf_full hf_static compressed] [--check] [--microbench]
+    python analyses/runtime_benchmark.py KVPRESS.json --kinds kvpress_duo   # in an environment with kvpress
+    python analyses/runtime_benchmark.py --readme-from OUT.json KVPRESS.json --command "..."
 
 Random bf16 weights built on the GPU (only memory and speed are measured), batch 1, a random
-HeadMask with half the KV heads full (sink 64, recent 256). Rows: `hf_full` (DynamicCache, plain
-`model(...)` decode loop) and `compressed` (`headlab.runtime.CompressedLM`, "sdpa" path, decode
+HeadMask with half the KV heads full (sink 64, recent 256). Rows (`headlab.runtime.measure`):
+`hf_full` (DynamicCache, plain `model(...)` decode loop), `hf_static` (StaticCache, decode step in
+a CUDA graph: the fair fast full-cache baseline), `kvpress_duo` (kvpress' DuoAttentionPress with
+the same mask; kvpress needs transformers<5.3, so it runs in its own environment and its JSON is
+merged at render time) and `compressed` (`headlab.runtime.CompressedLM`, "sdpa" path, decode
 step in a CUDA graph). The HBM floor of a decode step is (weight bytes + KV bytes held) / the
 measured device-to-device copy bandwidth. `--check` first compares the runtime's logits with the
 plain model's on the GPU (all-full mask) and the "sdpa" path with the "eager" one (mixed mask).
-`--microbench` times the decode attention over a 128k full-head buffer alone. `--readme` writes the
-table into analyses/README.md (section runtime_benchmark).
+`--microbench` times the decode attention over a 128k full-head buffer alone. `--readme-from`
+renders one or more JSON results into analyses/README.md (section runtime_benchmark).
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headlab.masks import HeadMask  # noqa: E402
-from headlab.runtime.measure import copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
+from headlab.runtime.measure import KINDS, copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
 
 GIB = 1 << 30
 TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB
@@ -133,6 +139,34 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def comparisons(rows: list[dict]) -> list[str]:
+    """Per context: the compressed runtime against each baseline that ran (decode speed-up, KV held)."""
+    out = []
+    by = {(r["context"], r["cache"]): r for r in rows if not r.get("oom")}
+    for context in sorted({r["context"] for r in rows}):
+        ours = by.get((context, "compressed"))
+        if ours is None:
+            continue
+        parts = [f"{base}: decode {by[(context, base)]['decode_ms'] / ours['decode_ms']:.1f}x faster, "
+                 f"{by[(context, base)]['kv_bytes'] / ours['kv_bytes']:.2f}x less KV held"
+                 for base in ("hf_full", "hf_static", "kvpress_duo") if (context, base) in by]
+        if parts:
+            out.append(f"- {context // 1024}k, compressed vs " + "; vs ".join(parts) + ".")
+    return out
+
+
+def merged(results: list[dict]) -> dict:
+    """One result from several runs on the same device (e.g. the kvpress rows from their own environment)."""
+    first = dict(results[0])
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    rows = [dict(r, environment=f"transformers {res.get('transformers', '?')}") for res in results for r in res["rows"]]
+    first["rows"] = sorted(rows, key=lambda r: (r["context"], order.get(r["cache"], 99)))
+    devices = {res["device"] for res in results}
+    if len(devices) > 1:
+        raise ValueError(f"Results from different devices cannot share one table: {sorted(devices)}.")
+    return first
+
+
 def render(result: dict) -> str:
     """The markdown: a header stating the setup, the table, and the targets met or missed."""
     a = result["args"]
@@ -151,14 +185,29 @@ def render(result: dict) -> str:
         extra += (f"\n\nDecode attention alone, one layer's 4 full KV heads at {mb['length']} tokens: Triton split-KV kernel "
                   f"{mb['triton_ms']:.3f} ms, eager `grouped_attention` {mb['eager_ms']:.3f} ms (copy-bandwidth floor "
                   f"{mb['floor_ms']:.3f} ms).")
-    how = ("`compressed` = `CompressedLM(model, mask, chunk_size, max_length)` on its \"sdpa\" path: K/V buffers allocated "
+    how = ("`hf_full` = transformers `DynamicCache`, `model(...)` per token (its decode is bound by Python and launches, not "
+           "memory). `hf_static` = transformers `StaticCache` preallocated for the whole length, prefill in chunks, the decode "
+           "step (mask update, forward, greedy pick, position advance) captured in one CUDA graph: the fair fast full-cache "
+           "baseline; at long contexts it is slow because a static cache needs an attention mask (its unused slots) and "
+           "transformers' SDPA integration expands the KV heads to the query heads (`repeat_kv`, a copy of the whole "
+           "cache, every layer, every step) whenever a mask is passed. `kvpress_duo` = kvpress' `DuoAttentionPress` "
+           "given the same mask, sink and window, its own way (DynamicCache, prefill inside the press, `model(...)` per "
+           "token), in its own environment (kvpress needs transformers<5.3): it simulates the mask at decode by swapping "
+           "masked keys for a fake key, so it holds the full cache (and its prefill attends to everything). "
+           "`compressed` = `CompressedLM(model, mask, chunk_size, max_length)` on its \"sdpa\" path: K/V buffers allocated "
            "once for max_length (full heads: slot = position; streaming heads: sink + ring), prefill in chunks (flash SDPA "
            "with a bottom-right causal bias for full heads, a small explicit mask over ring + chunk for streaming heads), "
-           "decode step captured in a CUDA graph with the Triton split-KV decode kernel and torch.compile'd fused "
-           "norm / RoPE / head-split / merge / SiLU pieces. `hf_full` = transformers `DynamicCache`, `model(...)` per "
-           "token (its decode is bound by Python and launches, not memory). The HBM floor counts every weight byte "
-           "(the embedding table included) once per step.")
-    return (f"{header}{extra}\n\n{how}\n\n{md}\n\nTargets (compressed runtime):\n" + "\n".join(verdicts(rows)))
+           "decode step captured in a CUDA graph with the Triton split-KV decode kernel, torch.compile'd fused "
+           "norm / RoPE / head-split / merge / SiLU pieces, each layer's q/k/v and gate/up weights packed into one "
+           "matrix each (one matrix-vector product instead of three and two), keys and values stored with one write. The HBM floor counts every weight byte (the embedding table "
+           "included) once per step.")
+    envs = sorted({r["environment"] for r in rows if "environment" in r})
+    if envs:
+        how += " Environments: " + ", ".join(f"{kind} under {env}" for env in envs
+                                            for kind in sorted({r['cache'] for r in rows if r.get('environment') == env},
+                                                               key=KINDS.index)) + "."
+    return (f"{header}{extra}\n\n{how}\n\n{md}\n\nTargets (compressed runtime):\n" + "\n".join(verdicts(rows))
+            + "\n\nAgainst the baselines:\n" + "\n".join(comparisons(rows)))
 
 
 def main(argv=None) -> int:
@@ -168,15 +217,15 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=4096)
-    parser.add_argument("--kinds", nargs="+", default=["hf_full", "compressed"])
+    parser.add_argument("--kinds", nargs="+", default=["hf_full", "hf_static", "compressed"], choices=KINDS)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--microbench", action="store_true")
-    parser.add_argument("--readme-from", type=Path, default=None,
-                        help="no run: render a JSON written by an earlier run into analyses/README.md")
+    parser.add_argument("--readme-from", type=Path, nargs="+", default=None,
+                        help="no run: render the JSON of earlier runs (merged) into analyses/README.md")
     parser.add_argument("--command", default=None, help="the command line to state in the README section")
     args = parser.parse_args(argv)
     if args.readme_from is not None:
-        result = json.loads(args.readme_from.read_text())
+        result = merged([json.loads(path.read_text()) for path in args.readme_from])
         text = render(result)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from report import write_section
@@ -191,7 +240,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     print(f"device: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     result = {"command": "python analyses/runtime_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
               "copy_bandwidth_Bps": bw, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.microbench:
         result["microbench"] = microbench(bw)
@@ -203,14 +252,16 @@ def main(argv=None) -> int:
     if args.check:
         result["check"] = check(model, mask)
         print("check", json.dumps(result["check"]), flush=True)
-    df = measure(model, mask, contexts=args.contexts, new_tokens=args.new_tokens, kinds=args.kinds, warmup=args.warmup,
-                 chunk_size=args.chunk_size)
-    result["rows"] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                      for r in df.to_dict("records")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = render(result)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(text)
+    result["rows"] = []
+    for context in args.contexts:  # the JSON is rewritten after each context, so a run cut short keeps what it measured
+        df = measure(model, mask, contexts=[context], new_tokens=args.new_tokens, kinds=args.kinds, warmup=args.warmup,
+                     chunk_size=args.chunk_size)
+        result["rows"] += [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                           for r in df.to_dict("records")]
+        print(df.to_string(index=False), flush=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(render(result))
     return 0
 
 

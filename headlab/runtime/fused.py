@@ -27,10 +27,11 @@ def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, ep
 
 
 def _rotary_split(q, k, v, cos, sin, full_q, full_kv, stream_q, stream_kv):
-    """RoPE on `q`/`k`, then each split into its full-head and streaming-head parts (one fused kernel or two)."""
+    """RoPE on `q`/`k`, then each split into its full-head and streaming-head parts (one fused kernel or two):
+    `(q_full, kv_full, q_stream, kv_stream)`, keys and values stacked `[2, batch, n, 1, d]` as the cache stores them."""
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    return (q.index_select(1, full_q), k.index_select(1, full_kv), v.index_select(1, full_kv),
-            q.index_select(1, stream_q), k.index_select(1, stream_kv), v.index_select(1, stream_kv))
+    return (q.index_select(1, full_q), torch.stack([k.index_select(1, full_kv), v.index_select(1, full_kv)]),
+            q.index_select(1, stream_q), torch.stack([k.index_select(1, stream_kv), v.index_select(1, stream_kv)]))
 
 
 def _merge_heads(out_full: torch.Tensor, out_stream: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from headlab.masks import HeadMask
 from headlab.runtime import fused
 from headlab.runtime.attention import apply_rotary, segmented_attention
 from headlab.runtime.cache import CompressedCache
 from headlab.runtime.static import ChunkPlan, StaticCache
-from headlab.runtime.weights import LayerModules, ModelModules, model_modules
+from headlab.runtime.weights import LayerModules, ModelModules, model_modules, pack_layer
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,16 @@ class CompressedLM:
         cuda_graph: on CUDA with "sdpa", capture the decode step in a CUDA graph.
         fuse: on CUDA with "sdpa", run the decode step's norms, RoPE and residual adds as
             torch.compile'd fused kernels (`headlab.runtime.fused`); default True on CUDA.
+        pack: with `fuse`, run each layer's q/k/v and gate/up projections as one matrix product each
+            (`weights.pack_layer`: the model's weights are repacked in place, same values, no extra
+            memory; a packed model can't be `save_pretrained` as is). Default: `fuse` on CUDA.
     """
 
     ATTENTIONS = ("eager", "sdpa")
 
     def __init__(self, model, mask: HeadMask, *, tokenizer=None, chunk_size: int = 256, page_size: int = 256,
                  attention: str | None = None, max_length: int | None = None, cuda_graph: bool = True,
-                 fuse: bool | None = None) -> None:
+                 fuse: bool | None = None, pack: bool | None = None) -> None:
         self.lab = model if hasattr(model, "hf_model") and hasattr(model, "info") else None
         hf_model = self.lab.hf_model if self.lab is not None else model
         self.tokenizer = tokenizer or (self.lab.tokenizer if self.lab is not None else None)
@@ -89,6 +93,8 @@ class CompressedLM:
         self.attention, self.max_length = attention, max_length
         self.cuda_graph = bool(cuda_graph) and m.device.type == "cuda"
         self.fuse = (m.device.type == "cuda" if fuse is None else bool(fuse)) and attention == "sdpa"
+        pack = (self.fuse and m.device.type == "cuda") if pack is None else bool(pack) and self.fuse
+        self.packed = [pack_layer(layer) if pack else None for layer in m.layers]
         # The head indices on the model's device, once (a host-to-device copy cannot be graph-captured).
         self.heads_on_device = [HeadGroups(*(t.to(m.device) for t in (h.full_kv, h.full_q, h.stream_kv, h.stream_q)))
                                 for h in self.heads]
@@ -251,9 +257,14 @@ class CompressedLM:
             h = fused.compiled("rms_norm")(x, w, eps)
         else:
             x, h = fused.compiled("add_rms_norm")(x, delta, w, eps)
-        q = layer.q_proj(h).view(batch, 1, m.n_heads, m.d_head).transpose(1, 2)
-        k = layer.k_proj(h).view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
-        v = layer.v_proj(h).view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
+        packed = self.packed[index]
+        if packed is not None:
+            q, k, v = F.linear(h, packed.qkv, packed.qkv_bias).split(packed.qkv_sizes, dim=-1)
+        else:
+            q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
+        q = q.view(batch, 1, m.n_heads, m.d_head).transpose(1, 2)
+        k = k.view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
+        v = v.view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
         if lc.n_full and lc.n_stream:
             parts = fused.compiled("rotary_split")(q, k, v, cos, sin, heads.full_q, heads.full_kv, heads.stream_q, heads.stream_kv)
             out_full, out_stream = self._static_attention(index, q, k, v, step, parts)
@@ -262,45 +273,52 @@ class CompressedLM:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             out = self._static_attention(index, q, k, v, step).transpose(1, 2).reshape(batch, 1, m.n_heads * m.d_head)
         x, h = fused.compiled("add_rms_norm")(x, layer.o_proj(out), layer.post_norm.weight, fused.norm_eps(layer.post_norm))
-        if fused.is_silu(layer.act):
-            return x, layer.down_proj(fused.compiled("silu_mul")(layer.gate_proj(h), layer.up_proj(h)))
-        return x, layer.mlp(h)
+        if packed is not None:
+            gate, up = F.linear(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+        elif fused.is_silu(layer.act):
+            gate, up = layer.gate_proj(h), layer.up_proj(h)
+        else:
+            return x, layer.mlp(h)
+        act = fused.compiled("silu_mul") if fused.is_silu(layer.act) else (lambda g, u: layer.act(g) * u)
+        return x, layer.down_proj(act(gate, up))
 
     def _static_attention(self, index: int, q, k, v, where, split=None):
         """`q` `[batch, n_heads, t, d]`, `k`/`v` `[batch, n_kv, t, d]` -> `[batch, n_heads, t, d]` (the "sdpa" path).
-        `split`: the six full / streaming parts of q, k, v when already gathered (fused decode); then the
-        full and streaming heads' outputs are returned apart, for `fused.merge_heads`."""
+        `split`: `(q_full, kv_full, q_stream, kv_stream)` when already gathered by the fused decode (keys and values
+        stacked `[2, batch, n, 1, d]`); then the full and streaming heads' outputs are returned apart, for
+        `fused.merge_heads`."""
         m, heads, cache = self.modules, self.heads_on_device[index], self.cache
         lc = cache.layers[index]
         batch, _, t, d = q.shape
-        parts = []
+        decode = not isinstance(where, ChunkPlan)
+        parts = []  # per kind: (queries, keys and values, query-head indices or None for the whole layer)
         for i, (n, kv_idx, q_idx) in enumerate(((lc.n_full, heads.full_kv, heads.full_q), (lc.n_stream, heads.stream_kv, heads.stream_q))):
-            if n == m.n_kv_heads:  # the whole layer is of this kind: no gather
-                parts.append((q, k, v, None))
-            elif n and split is not None:
-                parts.append((*split[3 * i:3 * i + 3], q_idx))
-            elif n:
-                parts.append((q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), q_idx))
-            else:
+            if not n:
                 parts.append(None)
+            elif split is not None:
+                parts.append((split[2 * i], split[2 * i + 1], q_idx))
+            else:
+                whole = n == m.n_kv_heads  # the whole layer is of this kind: no gather
+                qi, ki, vi = (q, k, v) if whole else (q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx))
+                parts.append((qi, torch.stack([ki, vi]) if decode else (ki, vi), None if whole else q_idx))
         full, stream = parts
-        if not isinstance(where, ChunkPlan):  # decode: the group's query heads become the query rows of their KV head
+        if decode:  # the group's query heads become the query rows of their KV head
             def rows(part):
-                return (part[0].view(batch, -1, self.group, d), part[1], part[2]) if part else (None, None, None)
+                return (part[0].view(batch, -1, self.group, d), part[1]) if part else (None, None)
             outs = cache.decode(lc, *rows(full), *rows(stream), where, m.scaling)
             outs = [o.view(batch, -1, 1, d) if o is not None else None for o in outs]
         else:
-            outs = [cache.prefill_full(lc, *full[:3], where, m.scaling) if full else None,
-                    cache.prefill_stream(lc, *stream[:3], where, m.scaling) if stream else None]
-        if full is not None and full[3] is None:
+            outs = [cache.prefill_full(lc, full[0], *full[1], where, m.scaling) if full else None,
+                    cache.prefill_stream(lc, stream[0], *stream[1], where, m.scaling) if stream else None]
+        if full is not None and full[2] is None:
             return outs[0]
-        if stream is not None and stream[3] is None:
+        if stream is not None and stream[2] is None:
             return outs[1]
         if split is not None:
             return outs[0], outs[1]
         out = torch.empty_like(q)
-        out.index_copy_(1, full[3], outs[0])
-        out.index_copy_(1, stream[3], outs[1])
+        out.index_copy_(1, full[2], outs[0])
+        out.index_copy_(1, stream[2], outs[1])
         return out
 
     def _eager_attention(self, index: int, q, k, v, start: int, positions: torch.Tensor) -> torch.Tensor:

@@ -53,18 +53,21 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
 
 class StaticLayer:
-    """One layer's buffers: full heads `full_k`/`full_v`, streaming heads `stream_k`/`stream_v`."""
+    """One layer's buffers: full heads `full_kv` `[2, batch, n_full, max_length, d]` (keys, values; views
+    `full_k`/`full_v`), streaming heads `stream_kv` `[2, batch, n_stream, window, d]` (`stream_k`/`stream_v`).
+    Keys and values of a kind share one tensor so a decode step stores both with one write."""
 
     def __init__(self, batch: int, n_full: int, n_stream: int, d_head: int, max_length: int, window: int, dtype, device) -> None:
         def buf(n: int, slots: int) -> torch.Tensor:  # zeros: a masked slot must never hold NaN (0 * NaN = NaN)
-            return torch.zeros(batch, n, slots, d_head, dtype=dtype, device=device)
+            return torch.zeros(2, batch, n, slots, d_head, dtype=dtype, device=device)
 
-        self.full_k, self.full_v = buf(n_full, max_length), buf(n_full, max_length)
-        self.stream_k, self.stream_v = buf(n_stream, window), buf(n_stream, window)
+        self.full_kv, self.stream_kv = buf(n_full, max_length), buf(n_stream, window)
+        self.full_k, self.full_v = self.full_kv.unbind(0)
+        self.stream_k, self.stream_v = self.stream_kv.unbind(0)
         self.n_full, self.n_stream = n_full, n_stream
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.full_k, self.full_v, self.stream_k, self.stream_v))
+        return self.full_kv.untyped_storage().nbytes() + self.stream_kv.untyped_storage().nbytes()
 
 
 class ChunkPlan:
@@ -156,16 +159,14 @@ class StaticCache:
     def end_step(self) -> None:
         self.pos.add_(1)
 
-    def decode(self, layer: StaticLayer, q_full, k_full, v_full, q_stream, k_stream, v_stream, step, scaling: float):
-        """One token: `q_*` `[batch, n_kv, group, d]`, `k_*`/`v_*` `[batch, n_kv, 1, d]` -> outputs like `q_*`."""
+    def decode(self, layer: StaticLayer, q_full, kv_full, q_stream, kv_stream, step, scaling: float):
+        """One token: `q_*` `[batch, n_kv, group, d]`, `kv_*` `[2, batch, n_kv, 1, d]` (keys, values) -> outputs like `q_*`."""
         slot, full_allowed, stream_allowed = step
         out_full = out_stream = None
         if layer.n_full:
-            layer.full_k.index_copy_(2, self.pos, k_full)
-            layer.full_v.index_copy_(2, self.pos, v_full)
+            layer.full_kv.index_copy_(3, self.pos, kv_full)
             out_full = decode_attention(q_full, layer.full_k, layer.full_v, full_allowed, scaling)
         if layer.n_stream:
-            layer.stream_k.index_copy_(2, slot, k_stream)
-            layer.stream_v.index_copy_(2, slot, v_stream)
+            layer.stream_kv.index_copy_(3, slot, kv_stream)
             out_stream = decode_attention(q_stream, layer.stream_k, layer.stream_v, stream_allowed, scaling)
         return out_full, out_stream

@@ -4,7 +4,9 @@
 replaced its submodules by hook-carrying wrappers that keep the original under
 `_original_component`. The runtime calls the originals (`nn.Linear`, RMSNorm, rotary embedding)
 directly, so no TransformerLens hook ever runs and a bare transformers model works the same.
-No weight is copied.
+No weight is copied. `pack_layer` packs a layer's q/k/v and gate/up weights into one matrix each
+for the CUDA decode step (one matrix-vector product instead of three or two): the Parameters keep
+their identity and values, and their storage becomes row blocks of the packed matrix.
 """
 from __future__ import annotations
 
@@ -99,3 +101,62 @@ def model_modules(hf_model: nn.Module) -> ModelModules:
         n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads, d_head=d_head,
         scaling=d_head ** -0.5, name=getattr(config, "_name_or_path", "") or type(hf_model).__name__,
     )
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One layer's projections that read the same input, each group as one matrix (row blocks in order)."""
+
+    qkv: torch.Tensor  # [(n_heads + 2 * n_kv_heads) * d_head, d_model]: q_proj, k_proj, v_proj rows
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up: torch.Tensor  # [2 * d_mlp, d_model]: gate_proj, up_proj rows
+    gate_up_bias: torch.Tensor | None
+
+
+def _already_packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The packed matrix when `tensors` are already consecutive row blocks of one storage (packed before), else None."""
+    first = tensors[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)`, after which each tensor's data is its row block of the result (no second copy is kept)."""
+    packed = _already_packed(tensors)
+    if packed is not None:
+        return packed
+    packed = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for t in tensors:
+        t.data = packed[start:start + t.shape[0]]
+        start += t.shape[0]
+    return packed
+
+
+def _pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    biases = [linear.bias for linear in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None  # some biased, some not: leave them apart
+    return _pack([linear.weight for linear in linears]), (None if biases[0] is None else _pack(biases))
+
+
+def pack_layer(layer: LayerModules) -> PackedLayer | None:
+    """Pack `layer`'s q/k/v and gate/up weights (see the module's docstring); None where the shapes do not allow it.
+
+    The model computes exactly as before, but its q/k/v (and gate/up) weights now share one storage:
+    `save_pretrained` refuses shared tensors, so save such a model before packing it (or after `.clone()`-ing it)."""
+    qkv = [layer.q_proj, layer.k_proj, layer.v_proj]
+    gate_up = [layer.gate_proj, layer.up_proj]
+    if len({l.weight.dtype for l in qkv + gate_up}) != 1 or len({l.weight.device for l in qkv + gate_up}) != 1:
+        return None
+    first, second = _pack_linears(qkv), _pack_linears(gate_up)
+    if first is None or second is None:
+        return None
+    return PackedLayer(qkv=first[0], qkv_bias=first[1], qkv_sizes=tuple(l.weight.shape[0] for l in qkv),
+                       gate_up=second[0], gate_up_bias=second[1])
