@@ -119,7 +119,8 @@ def cmd_bench_runtime(args) -> int:
     else:
         mask = make_mask(lab, args.source, kind=args.kind, full_fraction=args.full_fraction, sink=args.sink,
                          recent=args.recent, score_params=parse_assignments(args.param, "--param"))
-    table = runtime.measure(lab, mask, contexts=_int_list(args.contexts, "--contexts"), new_tokens=args.new_tokens)
+    table = runtime.measure(lab, mask, contexts=_int_list(args.contexts, "--contexts"), new_tokens=args.new_tokens,
+                            kinds=[kind.strip() for kind in args.caches.split(",") if kind.strip()])
     out = {"mask": repr(mask), "measure": table.to_dict(orient="records")}
     if args.quality:
         same_budget = {
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--contexts", default="512,1024", help="context lengths to measure, e.g. 8192,32768")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per context")
+    p.add_argument("--caches", default="hf_full,compressed",
+                   help="caches to measure, from hf_full, hf_static, kvpress_duo (needs kvpress), compressed")
     p.add_argument("--quality", action="store_true", help="also needle accuracy and KL vs the full cache, against a random "
                                                           "and an all-streaming mask at the same budget")
     p.add_argument("--lengths", default="1024", help="--quality: needle context lengths")

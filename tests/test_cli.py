@@ -81,13 +81,15 @@ def test_export_mask_writes_json_and_duo_folders_that_load_back(tmp_path, lab):
 
 def test_bench_runtime_measures_the_mask_against_the_full_cache(tmp_path, lab):
     result = _cli("bench-runtime", "--source", "all_streaming", "--sink", "4", "--recent", "16", "--contexts", "48",
-                  "--new-tokens", "2", "--json", runs_dir=tmp_path)
+                  "--new-tokens", "2", "--caches", "hf_full,hf_static,compressed", "--json", runs_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {row["cache"]: row for row in json.loads(result.stdout)["measure"]}
-    assert rows["compressed"]["kv_bytes"] < rows["hf_full"]["kv_bytes"]
+    assert rows["compressed"]["kv_bytes"] < rows["hf_full"]["kv_bytes"] <= rows["hf_static"]["kv_bytes"]
     assert rows["compressed"]["ideal_kv_bytes"] <= rows["compressed"]["kv_bytes"] <= 1.5 * rows["compressed"]["ideal_kv_bytes"]
     bad = _cli("bench-runtime", "--contexts", "48,long", "--source", "all_streaming", runs_dir=tmp_path)
     assert bad.returncode == 2 and "--contexts must be whole numbers" in bad.stderr
+    bad = _cli("bench-runtime", "--contexts", "48", "--source", "all_streaming", "--caches", "paged", runs_dir=tmp_path)
+    assert bad.returncode == 2 and "kind must be one of" in bad.stderr
 
 
 def test_parse_heads():
