@@ -108,7 +108,7 @@ def ships_per_request(
                 progress((g + fraction) / len(groups), f"length group {g + 1}/{len(groups)}: {message}")
 
         scan.ablation_scan(lab, tokens, measure, method=method, heads=heads, epsilon=epsilon, chunk=chunk,
-                           progress=group_progress)
+                           positions="last", progress=group_progress)
         per_head = torch.cat(blocks)  # [n_heads scanned, batch] in `heads` order
         for (layer, head), values in zip(heads, per_head):
             out[index, layer, head] = values
