@@ -135,7 +135,8 @@ def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.d
         source, display_name, adapter_name, local_only = _resolve(name_or_path)
     hf_model, tokenizer = _load_transformers(source, display_name, dtype, local_only)
     if name_or_path == EMBEDDED_REFUSAL:
-        hf_model = _merge_adapter(hf_model, adapter_dir).to(device)
+        hf_model = _merge_adapter(hf_model, adapter_dir)
+    hf_model = hf_model.to(device)  # boot_transformers leaves a model it is handed on the device it is on
     lab = _boot(adapter_name, display_name, hf_model, tokenizer, device, dtype)
     lab.load_seconds = time.perf_counter() - started
     return lab
