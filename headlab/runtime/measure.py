@@ -38,7 +38,6 @@ from headlab.masks import HeadMask
 from headlab.runtime.model import CompressedLM
 from headlab.runtime.weights import model_modules
 
-KINDS = ("hf_full", "hf_static", "kvpress_duo", "compressed")
 DEFAULT_KINDS = ("hf_full", "compressed")
 GRAPH_WARMUP_STEPS = 2  # hf_static: decode steps run before its CUDA graph is captured
 
@@ -157,15 +156,19 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
+def _dynamic_run(hf_model, cache, prefill) -> _Run:
+    """A prefilled `DynamicCache`, decoded the plain way: `model(token)` per step."""
+    step = lambda token: _greedy(hf_model(token, past_key_values=cache, use_cache=True).logits)  # noqa: E731
+    return _Run(_greedy(prefill.logits), step, lambda: _hf_cache_bytes(cache))
+
+
 def _run_hf_full(hf_model, tokens: torch.Tensor, mask: HeadMask, *, max_length: int, chunk_size: int,
                  cuda_graph: bool, attention: str, model=None) -> _Run:
     """Prefill in one piece with a `DynamicCache` (last logits only), then `model(token)` per step."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return _Run(_greedy(out.logits), lambda token: _greedy(hf_model(token, past_key_values=cache, use_cache=True).logits),
-                lambda: _hf_cache_bytes(cache))
+    return _dynamic_run(hf_model, cache, hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1))
 
 
 def _run_hf_static(hf_model, tokens: torch.Tensor, mask: HeadMask, *, max_length: int, chunk_size: int,
@@ -249,9 +252,7 @@ def _run_kvpress_duo(hf_model, tokens: torch.Tensor, mask: HeadMask, *, max_leng
 
     press, cache = duo_attention_press(mask), DynamicCache()
     with press(hf_model):
-        out = hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return _Run(_greedy(out.logits), lambda token: _greedy(hf_model(token, past_key_values=cache, use_cache=True).logits),
-                lambda: _hf_cache_bytes(cache))
+        return _dynamic_run(hf_model, cache, hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1))
 
 
 def _run_compressed(hf_model, tokens: torch.Tensor, mask: HeadMask, *, max_length: int, chunk_size: int,
@@ -263,7 +264,7 @@ def _run_compressed(hf_model, tokens: torch.Tensor, mask: HeadMask, *, max_lengt
 
 RUNNERS = {"hf_full": _run_hf_full, "hf_static": _run_hf_static, "kvpress_duo": _run_kvpress_duo,
            "compressed": _run_compressed}
-assert tuple(RUNNERS) == KINDS
+KINDS = tuple(RUNNERS)
 
 
 def measure_one(model, mask: HeadMask, kind: str, context: int, *, new_tokens: int = 32, warmup: int = 4,
