@@ -139,10 +139,14 @@ def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return packed
 
 
-def _pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _packable(linears: list[nn.Linear]) -> bool:
+    """One dtype and device, and all biased or none (a mixed group is left apart)."""
+    return (len({(l.weight.dtype, l.weight.device) for l in linears}) == 1
+            and len({l.bias is None for l in linears}) == 1)
+
+
+def _pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     biases = [linear.bias for linear in linears]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        return None  # some biased, some not: leave them apart
     return _pack([linear.weight for linear in linears]), (None if biases[0] is None else _pack(biases))
 
 
@@ -153,10 +157,8 @@ def pack_layer(layer: LayerModules) -> PackedLayer | None:
     `save_pretrained` refuses shared tensors, so save such a model before packing it (or after `.clone()`-ing it)."""
     qkv = [layer.q_proj, layer.k_proj, layer.v_proj]
     gate_up = [layer.gate_proj, layer.up_proj]
-    if len({l.weight.dtype for l in qkv + gate_up}) != 1 or len({l.weight.device for l in qkv + gate_up}) != 1:
+    if not (_packable(qkv) and _packable(gate_up)):  # checked before anything is repacked
         return None
     first, second = _pack_linears(qkv), _pack_linears(gate_up)
-    if first is None or second is None:
-        return None
     return PackedLayer(qkv=first[0], qkv_bias=first[1], qkv_sizes=tuple(l.weight.shape[0] for l in qkv),
                        gate_up=second[0], gate_up_bias=second[1])
