@@ -17,7 +17,7 @@ import torch
 import headlab as hl
 from app.channels_tab import DEFAULT_TASK_N
 from headlab.ablation import ablation_hooks
-from headlab.channels import channel_hooks
+from headlab.circuits import channel_hooks
 from headlab.tasks import make_task
 from report import write_section  # analyses/report.py
 

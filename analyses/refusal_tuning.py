@@ -5,7 +5,7 @@
 The embedded SmolLM2-135M-Instruct answers harmful requests; Ships/Sahara need a model that
 refuses. This trains a LoRA adapter (peft, rank 8 on the attention and MLP projections; CUDA when
 available, else CPU — the committed adapter took 44 s on an H100, 200 steps of 8 pairs) on
-the hand-written pairs of `headlab.requests.training_pairs()` — harmful training request -> a
+the hand-written pairs of `headlab.datasets.requests.training_pairs()` — harmful training request -> a
 short refusal, harmless training request -> a short helpful answer — in the chat template, loss on
 the answer tokens only. The adapter is saved as safetensors + adapter_config.json (never pickle);
 `hl.load("embedded-refusal")` merges it into the weights. Refusal rates (greedy, 12 new tokens,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from headlab import requests
+from headlab.datasets import requests
 from headlab.loading import REFUSAL_ADAPTER_DIR, ensure_embedded_folder
 
 MAX_NEW_TOKENS = 12

@@ -6,7 +6,7 @@
     python analyses/runtime_benchmark.py --readme-from OUT.json KVPRESS.json --command "..."
 
 Random bf16 weights built on the GPU (only memory and speed are measured), batch 1, a random
-HeadMask with half the KV heads full (sink 64, recent 256). Rows (`headlab.runtime.measure`):
+HeadMask with half the KV heads full (sink 64, recent 256). Rows (`headlab.runtime.benchmark`):
 `hf_full` (DynamicCache, plain `model(...)` decode loop), `hf_static` (StaticCache, decode step in
 a CUDA graph: the fair fast full-cache baseline), `kvpress_duo` (kvpress' DuoAttentionPress with
 the same mask; kvpress needs transformers<5.3, so it runs in its own environment and its JSON is
@@ -32,7 +32,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headlab.masks import HeadMask  # noqa: E402
-from headlab.runtime.measure import KINDS, copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
+from headlab.runtime.benchmark import KINDS, copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
 
 GIB = 1 << 30
 TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB

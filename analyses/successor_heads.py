@@ -18,7 +18,7 @@ import torch
 import headlab as hl
 import headlab.scorers.successor as succ
 import headlab.tasks.successor  # noqa: F401  (registers the "successor" task)
-from headlab import ordinals
+from headlab.datasets import ordinals
 from headlab.ablation import ablation_hooks
 from headlab.tasks import make_task
 from report import write_section  # analyses/report.py

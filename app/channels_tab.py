@@ -18,8 +18,8 @@ from app.feedback import progress_to, shows_errors
 from app.inputs import check_count
 from app.workbench import Workbench
 from headlab import store
-from headlab.channels import CompositionMap, composition_map
-from headlab.channels.composition import composition_params
+from headlab.circuits import CompositionMap, composition_map
+from headlab.circuits.composition import composition_params
 from headlab.heads import format_heads, parse_heads
 
 KINDS = {"K-composition (sender → receiver's keys)": "k", "Q-composition (→ queries)": "q", "V-composition (→ values)": "v"}

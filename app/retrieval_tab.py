@@ -15,7 +15,7 @@ from app.feedback import progress_to, shows_errors
 from app.inputs import check_count
 from app.workbench import Workbench
 from headlab.ablation import ablation_hooks
-from headlab.needles import HAYSTACKS, NEEDLE_SHAPES
+from headlab.datasets.needles import HAYSTACKS, NEEDLE_SHAPES
 from headlab.tasks import make_task
 
 TASK_OF_SHAPE = {"fact": "needle", "passkey": "passkey"}

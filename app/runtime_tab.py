@@ -24,7 +24,7 @@ from headlab.masks import HeadMask, make_mask
 from headlab import runtime
 from headlab.runtime import CompressedLM
 from headlab.runtime.quality import quality
-from headlab.scorers.retrieval import greedy_generate
+from headlab.generation import greedy_generate
 
 SOURCES = {"top KV heads of a score": "score", "random KV heads (same budget)": "random", "all streaming (StreamingLLM)": "all_streaming"}
 DEFAULT_KIND = "retrieval"
@@ -127,7 +127,7 @@ def default_prompt(bench: Workbench) -> str:
     """A needle prompt of ~600 tokens: streaming heads alone lose the needle, retrieval heads keep it."""
     import random
 
-    from headlab import needles
+    from headlab.datasets import needles
 
     needle = needles.make_needle("fact", random.Random(0))
     sample = needles.build_sample(bench.lab, needle, needles.haystack_text("filler"), 600, 0.2)

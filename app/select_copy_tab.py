@@ -21,7 +21,7 @@ import headlab.tasks.mcqa  # noqa: F401  registers the "mcqa" task
 from app.feedback import progress_to, shows_errors
 from app.inputs import check_count
 from app.workbench import Workbench
-from headlab import mcqa
+from headlab.datasets import mcqa
 from headlab.scorers.select_copy import VARIANT_TEXT, VARIANTS
 
 DEFAULT_N, MAX_N = 48, 1024  # the scorer's default n

@@ -13,7 +13,7 @@ import headlab as hl
 from app.feedback import shows_errors
 from app.inputs import check_count, check_whole
 from app.workbench import Workbench
-from headlab import domains
+from headlab.datasets import domains
 from headlab.heads import check_head
 from headlab.scorers.sinks import top_switching
 from headlab.viz import attention_view_html, iframe

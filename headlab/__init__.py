@@ -6,17 +6,18 @@
     hl.ablation_curve(lab, s, task="repeated_tokens", ks=[1, 2, 4, 8])
 """
 from headlab.ablation import AblationCurve, AblationResult, ablate, ablation_curve
-from headlab.channels import ChannelExperiment, ChannelReport, CompositionMap, channel_experiment, channels, composition_map
+from headlab.circuits import ChannelExperiment, ChannelReport, CompositionMap, channel_experiment, channels, composition_map
 from headlab.lab import Lab, ModelInfo, PromptTooLongError
 from headlab.loading import ModelLoadError, load
 from headlab.masks import HeadMask
-from headlab.scorers import kinds, score
+from headlab.heads import Head
+from headlab.scorers import kinds, score, stored
 from headlab.scores import HeadScores
 from headlab.tasks import Task, make_task, task_names
 
 __all__ = [
-    "AblationCurve", "AblationResult", "ChannelExperiment", "ChannelReport", "CompositionMap", "HeadMask",
+    "AblationCurve", "AblationMethod", "AblationResult", "Head", "ChannelExperiment", "ChannelReport", "CompositionMap", "HeadMask",
     "HeadScores", "Lab", "ModelInfo", "ModelLoadError", "PromptTooLongError", "Task", "ablate",
-    "ablation_curve", "channel_experiment", "channels", "composition_map", "kinds", "load", "make_task",
-    "score", "task_names",
+    "ablation_curve", "channel_experiment", "channels", "composition_map", "kinds", "load", "make_method", "make_task",
+    "score", "stored", "task_names",
 ]

@@ -164,7 +164,7 @@ def cmd_app(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import headlab as hl
     from headlab.ablation import METHODS
-    from headlab.channels.cli import add_channels_parser
+    from headlab.circuits.cli import add_channels_parser
 
     parser = argparse.ArgumentParser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,8 @@
-"""Naming heads: check that `(layer, head)` exists, and read/write head lists like '18.6, 17.3'."""
+"""Heads: the one `Head` type, checking that `(layer, head)` exists, and the one way a head is written (`L18H6`).
+
+Lists of heads are read in any of the spellings users type ('L18H6, L17H3', '18.6 17.3', '18:6') and
+always written back as `L18H6`, in tables, summaries, inputs and plots alike.
+"""
 from __future__ import annotations
 
 import re
@@ -7,7 +11,7 @@ from headlab.lab import ModelInfo
 
 Head = tuple[int, int]
 
-HEAD_FORMAT_HINT = "write heads as LAYER.HEAD separated by commas, e.g. '18.6, 17.3' (or 'L18H6')"
+HEAD_FORMAT_HINT = "write heads as LAYER.HEAD or LlayerHhead separated by commas, e.g. 'L18H6, L17H3' or '18.6, 17.3'"
 _HEAD_PATTERN = re.compile(r"^L?(\d+)\s*[.:H]\s*H?(\d+)$", re.IGNORECASE)
 _SEPARATORS = re.compile(r"[,;\s]+")
 
@@ -51,6 +55,21 @@ def parse_heads(text: str, info: ModelInfo | None = None) -> list[Head]:
     return heads
 
 
-def format_heads(heads: list[Head]) -> str:
-    """The inverse of `parse_heads`: '18.6, 17.3'."""
-    return ", ".join(f"{layer}.{head}" for layer, head in heads)
+def head_label(layer: int, head: int) -> str:
+    """How a head is written everywhere: `L18H6`."""
+    return f"L{layer}H{head}"
+
+
+def format_heads(heads) -> str:
+    """The inverse of `parse_heads`: 'L18H6, L17H3'."""
+    return ", ".join(head_label(layer, head) for layer, head in as_heads(heads))
+
+
+def as_heads(heads) -> list[Head]:
+    """Accept [(layer, head)], [(layer, head, value)] (as `HeadScores.top` returns) or [[l, h]]: `[(layer, head)]`."""
+    return [(int(h[0]), int(h[1])) for h in heads]
+
+
+def all_heads(info: ModelInfo) -> list[Head]:
+    """Every head of the model, layer-major."""
+    return [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]

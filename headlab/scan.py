@@ -16,11 +16,10 @@ Two exact savings make the batched pass do less work than k plain passes:
 - Positions: a measure that reads only the last position (`positions="last"`, as `last_token_kl`
   declares) gets the unembedding of the last position only, `[k, batch, 1, d_vocab]`.
 
-Methods: `zero` and `mean` (on `hook_z`, as `headlab.ablation`), and `scaled_query` (on
-`hook_attn_scores`: the head's scores are multiplied by `epsilon`, i.e. its query scaled by
-epsilon, which makes its attention nearly uniform over the keys it may see — Zhou et al.'s
-undifferentiated attention). `measure(logits)` turns the logits of one chunk into one number per
-head; `measure` sees `[k, batch, pos, d_vocab]` so it can compare each block with the intact run.
+Methods: any `headlab.ablation.AblationMethod`, applied through its own `hooks` with per-block
+`Targets` (block i of the repeated batch ablates head i). `measure(logits)` turns the logits of one
+chunk into one number per head; `measure` sees `[k, batch, pos, d_vocab]` so it can compare each
+block with the intact run.
 The baseline it is benchmarked against (`analyses/scan_benchmark.py`) is a plain loop: one full
 `lab.model(...)` forward per head with `headlab.ablation`'s hooks.
 """
@@ -34,12 +33,13 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache
 
+from headlab.ablation.engine import method_state
+from headlab.ablation.methods import DEFAULT_METHOD, AblationMethod, Targets, make_method
+from headlab.activations import kl_divergence
+from headlab.heads import Head, all_heads
 from headlab.lab import Lab
-from headlab.scores import Head
-from headlab.tasks import Hook
 
-SCAN_METHODS = ("zero", "mean", "scaled_query")
-Measure = Callable[[torch.Tensor], torch.Tensor]  # logits [k, batch, pos, d_vocab] -> [k]
+LogitsMeasure = Callable[[torch.Tensor], torch.Tensor]  # logits [k, batch, pos, d_vocab] -> [k]
 POSITIONS = ("all", "last")  # which positions' logits a measure reads
 PASS_BUDGET_BYTES = 512 * 2**20  # largest logits + attention scores one chunk may produce
 # On a CPU, passes of more token rows than this ran slower per row once their activations outgrew the
@@ -47,52 +47,12 @@ PASS_BUDGET_BYTES = 512 * 2**20  # largest logits + attention scores one chunk m
 CPU_ROWS_PER_PASS = 4096
 
 
-def _check_method(method: str, epsilon: float) -> None:
-    if method not in SCAN_METHODS:
-        raise ValueError(f"Scan method must be one of {', '.join(SCAN_METHODS)}; got {method!r}.")
-    if method == "scaled_query" and not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1) (the factor the query is scaled by); got {epsilon}.")
-
-
-@torch.no_grad()
-def head_means(lab: Lab, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
-    """`{layer: [n_heads, d_head]}`: each head's `hook_z` averaged over the batch and positions of `tokens`."""
-    names = {f"blocks.{layer}.attn.hook_z" for layer in range(lab.info.n_layers)}
-    _, cache = lab.model.run_with_cache(tokens.to(lab.device), names_filter=lambda n: n in names)
-    return {layer: cache[f"blocks.{layer}.attn.hook_z"].mean(dim=(0, 1)) for layer in range(lab.info.n_layers)}
-
-
-def _block_hooks(lab: Lab, heads: list[Head], batch: int, method: str, epsilon: float,
-                 means: dict[int, torch.Tensor] | None) -> list[Hook]:
-    """Hooks ablating `heads[i]` only in rows `[i * batch, (i + 1) * batch)`."""
-    by_layer: dict[int, list[tuple[int, int]]] = {}
-    for block, (layer, head) in enumerate(heads):
-        by_layer.setdefault(layer, []).append((block, head))
-    hooks = []
-    for layer, pairs in by_layer.items():
-        blocks = torch.tensor([b for b, _ in pairs])
-        head_index = torch.tensor([h for _, h in pairs])
-
-        if method == "scaled_query":
-            def scale_scores(scores: torch.Tensor, hook=None, blocks=blocks, head_index=head_index) -> torch.Tensor:
-                view = scores.view(-1, batch, *scores.shape[1:]).clone()  # [k, batch, head, q, key]
-                view[blocks, :, head_index] = view[blocks, :, head_index] * epsilon
-                return view.view(scores.shape)
-
-            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", scale_scores))
-        else:
-            value = means[layer] if method == "mean" else None
-
-            def replace_z(z: torch.Tensor, hook=None, blocks=blocks, head_index=head_index, value=value) -> torch.Tensor:
-                view = z.view(-1, batch, *z.shape[1:]).clone()  # [k, batch, pos, head, d_head]
-                if value is None:
-                    view[blocks, :, :, head_index] = 0.0
-                else:  # [n, d_head] broadcast over batch and positions
-                    view[blocks, :, :, head_index] = value[head_index].to(z.dtype)[:, None, None, :]
-                return view.view(z.shape)
-
-            hooks.append((f"blocks.{layer}.attn.hook_z", replace_z))
-    return hooks
+def block_targets(heads: list[Head], batch: int, first_block: int = 0) -> Targets:
+    """`Targets` ablating `heads[i]` only in the rows of block `first_block + i`: `[i * batch, (i + 1) * batch)`."""
+    targets: Targets = {}
+    for block, (layer, head) in enumerate(heads, first_block):
+        targets.setdefault(layer, []).append((slice(block * batch, (block + 1) * batch), [head]))
+    return targets
 
 
 def heads_per_pass(lab: Lab, tokens: torch.Tensor, chunk: int | None = None, positions: str = "all") -> int:
@@ -221,15 +181,32 @@ def _reentry_is_exact(lab: Lab, prefix: Prefix) -> bool:
     return float((got - want).abs().max()) <= max(1e-4, 8 * torch.finfo(lab.dtype).eps) * scale
 
 
+def plan_passes(lab: Lab, tokens: torch.Tensor, heads: list[Head], chunk: int | None, positions: str,
+                shared_prefix: bool) -> tuple[list[list[Head]], Prefix | None]:
+    """The chunks of `heads` one pass each ablates, and the intact prefix they re-enter (None: full passes).
+
+    Falls back to full passes, with a warning, where re-entering the model at a block does not reproduce its logits.
+    """
+    if shared_prefix:
+        chunks = layer_chunks(heads, heads_per_pass(lab, tokens, chunk, positions))
+        prefix = intact_prefix(lab, tokens, {min(l for l, _ in part) for part in chunks} | {lab.info.n_layers - 1})
+        if _reentry_is_exact(lab, prefix):
+            return chunks, prefix
+        warnings.warn(f"{lab.info.name}: re-entering the model at a block does not reproduce its logits; "
+                      "the scan runs full forward passes instead.", RuntimeWarning, stacklevel=3)
+    # full forward passes put out every position's logits: budget for them all
+    return layer_chunks(heads, heads_per_pass(lab, tokens, chunk, "all")), None
+
+
 @torch.no_grad()
 def ablation_scan(
     lab: Lab,
     tokens: torch.Tensor,
-    measure: Measure,
+    measure: LogitsMeasure,
     *,
-    method: str = "mean",
+    method: str | AblationMethod = DEFAULT_METHOD,
+    method_params: dict | None = None,
     heads: list[Head] | None = None,
-    epsilon: float = 1e-3,
     reference: torch.Tensor | None = None,
     chunk: int | None = None,
     positions: str | None = None,
@@ -242,6 +219,7 @@ def ablation_scan(
         tokens: `[batch, pos]` inputs (one length, no padding).
         measure: logits `[k, batch, pos, d_vocab]` of k ablated copies -> `[k]` values; called once per
             chunk, chunks in `heads` order.
+        method, method_params: the ablation method (a name with its parameters, or an `AblationMethod`).
         reference: tokens whose per-head mean output `mean` ablation uses (default `tokens`).
         chunk: heads per pass (default: as many as keep the logits and scores under 512 MiB, <= 32).
         positions: "all", or "last" (the measure reads only the last position, so it gets
@@ -252,29 +230,20 @@ def ablation_scan(
     Returns:
         `[n_layers, n_heads]` values (NaN for heads not scanned).
     """
-    _check_method(method, epsilon)
+    method = make_method(method, **(method_params or {}))
     positions = positions or getattr(measure, "positions", "all")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {', '.join(POSITIONS)}; got {positions!r}.")
     info = lab.info
-    heads = heads if heads is not None else [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
-    means = head_means(lab, reference if reference is not None else tokens) if method == "mean" else None
+    heads = heads if heads is not None else all_heads(info)
+    state = method_state(lab, method, reference if reference is not None else tokens)
     tokens = tokens.to(lab.device)
     batch = tokens.shape[0]
-    prefix = None
-    if shared_prefix:
-        chunks = layer_chunks(heads, heads_per_pass(lab, tokens, chunk, positions))
-        prefix = intact_prefix(lab, tokens, {min(l for l, _ in part) for part in chunks} | {info.n_layers - 1})
-        if not _reentry_is_exact(lab, prefix):
-            warnings.warn(f"{info.name}: re-entering the model at a block does not reproduce its logits; "
-                          "the scan runs full forward passes instead.", RuntimeWarning, stacklevel=2)
-            prefix = None
-    if prefix is None:  # full forward passes put out every position's logits: budget for them all
-        chunks = layer_chunks(heads, heads_per_pass(lab, tokens, chunk, "all"))
+    chunks, prefix = plan_passes(lab, tokens, heads, chunk, positions, shared_prefix)
     out = torch.full((info.n_layers, info.n_heads), float("nan"))
     done = 0
     for part in chunks:
-        with lab.model.hooks(fwd_hooks=_block_hooks(lab, part, batch, method, epsilon, means)):
+        with lab.model.hooks(fwd_hooks=method.hooks(lab, block_targets(part, batch), state)):
             if prefix is not None:
                 logits = forward_from(lab, prefix, min(l for l, _ in part), len(part), positions == "last")
             else:
@@ -289,7 +258,7 @@ def ablation_scan(
     return out
 
 
-def last_token_kl(intact_logits: torch.Tensor) -> Measure:
+def last_token_kl(intact_logits: torch.Tensor) -> LogitsMeasure:
     """A `measure`: KL(intact || ablated) of the next-token distribution at the last position, mean over the batch.
 
     `intact_logits` `[batch, pos, d_vocab]` from the unablated model on the same tokens.
@@ -297,9 +266,7 @@ def last_token_kl(intact_logits: torch.Tensor) -> Measure:
     intact = torch.log_softmax(intact_logits[:, -1].float(), dim=-1)  # [batch, vocab]
 
     def measure(logits: torch.Tensor) -> torch.Tensor:
-        ablated = torch.log_softmax(logits[:, :, -1], dim=-1)  # [k, batch, vocab]
-        kl = (intact.exp() * (intact - ablated)).sum(-1)  # [k, batch]
-        return kl.mean(-1)
+        return kl_divergence(intact, logits[:, :, -1]).mean(-1)  # [k, batch] -> [k]
 
     measure.positions = "last"  # reads only the last position: the scan unembeds only that one
     return measure

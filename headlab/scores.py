@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from headlab import store
+from headlab.heads import Head
 
-Head = tuple[int, int]
 FORMAT = "headlab.head_scores/v1"
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +36,32 @@ def params_hash(params: dict) -> str:
 
 
 def run_path(model_slug: str, name: str, params: dict, root: Path | None = None) -> Path:
+    """Where the run `name` with `params` of the model `model_slug` lives: the one place that decides it."""
     return (root or runs_dir()) / model_slug / f"{name}-{params_hash(params)}.json"
+
+
+class Record(Protocol):
+    """A result the store keeps: written by `save(path)`, read by the class's `load(path)`."""
+
+    def save(self, path: Path) -> Path: ...
+
+
+R = TypeVar("R", bound=Record)
+
+
+def cached_run(path: Path, load: Callable[[Path], R], compute: Callable[[], R], *, recompute: bool = False,
+               save: bool = True) -> R:
+    """The run stored at `path` (read with `load`), else `compute()`d and saved there (unless `save` is False).
+
+    The one load-or-compute-and-save path for scores, ablation curves, composition maps, channel
+    experiments and Sahara groups.
+    """
+    if path.exists() and not recompute:
+        return load(path)
+    result = compute()
+    if save:
+        result.save(path)
+    return result
 
 
 def _atomic_write(path: Path, write) -> None:

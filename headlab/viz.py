@@ -39,3 +39,30 @@ def iframe(document: str, height: int = 620) -> str:
         f'<iframe srcdoc="{html.escape(document, quote=True)}" '
         f'style="width:100%;height:{height}px;border:0" sandbox="allow-scripts"></iframe>'
     )
+
+
+def curve_figure(curve) -> "go.Figure":
+    """Plotly figure of an `AblationCurve`: the metric vs k for top-k (line) and random-k (mean ± std band, each set a dot)."""
+    import plotly.graph_objects as go
+
+    mean, std = curve.random_mean, curve.random_std
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=curve.ks, y=[m + s for m, s in zip(mean, std)], line={"width": 0}, showlegend=False, hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(x=curve.ks, y=[m - s for m, s in zip(mean, std)], fill="tonexty", line={"width": 0},
+                   fillcolor="rgba(120,120,120,0.25)", name="random-k ± std", hoverinfo="skip")
+    )
+    fig.add_trace(go.Scatter(x=curve.ks, y=mean, mode="lines+markers", line={"color": "grey"}, name="random-k mean"))
+    xs = [k for k, r in zip(curve.ks, curve.random) for _ in r]
+    ys = [v for r in curve.random for v in r]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": "grey", "size": 5, "opacity": 0.6}, name="random-k sets"))
+    fig.add_trace(go.Scatter(x=curve.ks, y=curve.top, mode="lines+markers", line={"color": "crimson", "width": 3}, name=f"top-k {curve.scores['kind']}"))
+    fig.add_hline(y=curve.baseline, line_dash="dot", annotation_text="intact")
+    fig.update_layout(
+        title=f"{curve.method}-ablating top-k {curve.scores['kind']} heads vs random heads — {curve.model}",
+        xaxis_title="k (heads ablated)",
+        yaxis_title=curve.metric,
+        xaxis={"type": "log", "tickvals": curve.ks},
+        height=420,
+    )
+    return fig

@@ -8,12 +8,12 @@ import torch
 
 import headlab as hl
 from headlab.ablation import ablation_hooks
-from headlab.channels import (
+from headlab.circuits import (
     CompositionMap, HeadWeights, channel_experiment, channel_hooks, folded_weights, pair_score, random_baseline,
     rotary_frequencies, rotary_rotation,
 )
-from headlab.channels.composition import all_pair_scores
-from headlab.channels.report import decompose
+from headlab.circuits.composition import all_pair_scores
+from headlab.circuits.report import decompose
 from headlab.tasks import make_task
 
 PREV_TOKEN_HEAD = (16, 0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headlab.masks import HeadMask
-from headlab.runtime.measure import RUNNERS, info_of, llama_8b_config, measure, random_llama
+from headlab.runtime.benchmark import RUNNERS, info_of, llama_8b_config, measure, random_llama
 
 CONTEXT, STEPS = 70, 12
 

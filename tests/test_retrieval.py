@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import headlab as hl
-from headlab import needles
+from headlab.datasets import needles
 from headlab.ablation import ablation_hooks
+from headlab.generation import greedy_generate
 from headlab.scorers.retrieval import (
-    copy_hits, greedy_generate, retrieval_heads, sample_retrieval_score, topk_jaccard,
+    copy_hits, retrieval_heads, sample_retrieval_score, topk_jaccard,
 )
 from headlab.tasks import make_task
 

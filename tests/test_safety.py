@@ -10,10 +10,11 @@ import torch
 import headlab as hl
 import headlab.scorers.safety
 import headlab.tasks.refusal  # noqa: F401  (registers the "refusal" task)
-from headlab import requests, store
+from headlab import store
+from headlab.datasets import requests
 from headlab.ablation import ablation_hooks
 from headlab.loading import REFUSAL_ADAPTER_DIR, ModelLoadError
-from headlab.scorers import resolve_params
+from headlab.scorers import make_scorer, resolve_params
 from headlab.scorers.safety import chat_ids, length_groups, sahara, ships_per_request
 
 EXAMPLE_HEADS = [(0, 0), (21, 7)]
@@ -130,8 +131,11 @@ def test_ships_equals_one_head_at_a_time(lab, method, heads):
 def test_safety_scorer_parameters():
     params = resolve_params("safety")
     assert params["method"] == "scaled_query" and params["epsilon"] == 1e-3 and params["split"] == "train"
-    with pytest.raises(ValueError, match="Ships ablation"):
-        ships_per_request(None, ["x"], method="mean")
+    with pytest.raises(KeyError, match="Unknown ablation method"):
+        resolve_params("safety", method="shuffle")
+    with pytest.raises(ValueError, match="epsilon in"):
+        resolve_params("safety", epsilon=1.5)
+    assert "epsilon" not in make_scorer("safety", method="zero").ablation().params()
 
 
 def test_length_groups_cover_every_request(lab):

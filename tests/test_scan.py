@@ -117,10 +117,10 @@ def test_batched_and_one_head_per_pass_scans_agree_and_kl_is_zero_only_when_noth
 
 
 def test_bad_scan_requests_are_clear_errors(lab, tokens):
-    with pytest.raises(ValueError, match="Scan method must be one of"):
+    with pytest.raises(KeyError, match="Unknown ablation method 'shuffle'"):
         ablation_scan(lab, tokens, next_token_loss(tokens), method="shuffle", heads=HEADS)
-    with pytest.raises(ValueError, match="epsilon must be in"):
-        ablation_scan(lab, tokens, next_token_loss(tokens), method="scaled_query", epsilon=1.5, heads=HEADS)
+    with pytest.raises(ValueError, match="epsilon in"):
+        ablation_scan(lab, tokens, next_token_loss(tokens), method="scaled_query", method_params={"epsilon": 1.5}, heads=HEADS)
     with pytest.raises(ValueError, match="chunk must be"):
         ablation_scan(lab, tokens, next_token_loss(tokens), heads=HEADS, chunk=0)
     with pytest.raises(ValueError, match="positions must be one of"):

@@ -9,7 +9,8 @@ import torch
 import headlab as hl
 import headlab.scorers.select_copy  # noqa: F401  (registers "select_copy" until it joins _MODULES)
 import headlab.tasks.mcqa  # noqa: F401  (registers "mcqa")
-from headlab import mcqa, store
+from headlab import store
+from headlab.datasets import mcqa
 from headlab.scorers.select_copy import (
     VARIANTS, accuracy, best_head, option_scores, predictions, split_indices, unrotated_scores,
 )

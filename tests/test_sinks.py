@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import headlab as hl
-from headlab import domains
+from headlab.datasets import domains
 from headlab.scorers.sinks import (
     classify_dormant, dormancy, head_sink_measures, relative_output, switching_heads, top_switching,
 )

@@ -10,13 +10,13 @@ Modules: `weights` (the plain HF modules behind the TransformerLens bridge), `ca
 and sink + ring-buffer streaming caches), `attention` (RoPE and attention over cache segments),
 `model` (`CompressedLM`), `static` (the "sdpa" path: preallocated buffers, SDPA prefill, static
 decode step for a CUDA graph), `decode_kernel` (its Triton split-KV decode attention), `fused`
-(torch.compile'd pieces of the CUDA decode step), `measure` (memory / speed table vs Hugging Face's
+(torch.compile'd pieces of the CUDA decode step), `benchmark` (`measure`: memory / speed table vs Hugging Face's
 full cache, random-weight Llama builder), `hf` (the same cache as a `transformers.Cache` plus an attention
 function for `hf_model.generate(..., past_key_values=cache)` on a plain transformers model).
 """
 from headlab.runtime.cache import CompressedCache, FullKV, StreamingKV
 from headlab.runtime.model import CompressedLM
 from headlab.runtime.static import StaticCache
-from headlab.runtime.measure import measure  # noqa: E402  (the function: runtime.measure(lab, mask, contexts=[...]))
+from headlab.runtime.benchmark import measure  # noqa: E402
 
 __all__ = ["CompressedCache", "CompressedLM", "FullKV", "StaticCache", "StreamingKV", "measure"]

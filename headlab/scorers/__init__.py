@@ -1,40 +1,75 @@
-"""The scorer registry: `hl.score(lab, kind)` finds the scorer registered under `kind`.
+"""The scorer registry: `hl.score(lab, kind, **params)` finds the scorer registered under `kind`.
 
-A scorer is one function `fn(lab, *, n, seed, **params) -> HeadScores` decorated with
-`@register("kind")`. Its keyword defaults are its parameters: `score()` merges them with the
-caller's, looks the run up in the store, and computes only when it is missing.
+A scorer is one frozen dataclass, as kvpress keeps a press's settings: its fields are its parameters
+(with their defaults, written once, there), `__post_init__` checks them, and `compute(lab)` scores
+every head. Subclassing `Scorer` with a `kind` registers it; every module of this package is
+imported on first use, so adding a scorer is adding one file here.
+
+The config is also the run's identity: `params()` is what `HeadScores.params` records and what the
+stored-run key is hashed from (`run_path`), so there is one place that decides where a run lives.
+`hl.score` reads the store first and computes only what is missing; `hl.stored` only looks.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
+import pkgutil
 import time
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
 
 from headlab import store
 from headlab.lab import Lab
 from headlab.scores import HeadScores
 
-_SCORERS: dict[str, Callable[..., HeadScores]] = {}
-_MODULES = [
-    "headlab.scorers.attention_patterns", "headlab.scorers.sinks", "headlab.scorers.retrieval", "headlab.scorers.successor",
-    "headlab.scorers.select_copy", "headlab.scorers.safety",
-]
+_SCORERS: dict[str, type["Scorer"]] = {}
 
 
-def register(kind: str):
-    """Decorator: make `fn` the scorer of `kind`."""
+def _jsonable(value):
+    """Tuples become lists (JSON has no tuples), recursively, so params round-trip through a stored file."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
-    def wrap(fn):
-        _SCORERS[kind] = fn
-        return fn
 
-    return wrap
+@dataclass(frozen=True)
+class Scorer:
+    """Base of every scorer. Subclasses set `kind`, declare their parameters as fields and implement `compute`."""
+
+    kind: ClassVar[str] = ""
+    # How the score's cost grows; every scorer states it in its docstring.
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _SCORERS[cls.kind] = cls
+
+    def params(self) -> dict:
+        """Every parameter, JSON-able: what a stored run records and is keyed by."""
+        return _jsonable(dataclasses.asdict(self))
+
+    def run_path(self, lab: Lab, root: Path | None = None) -> Path:
+        """Where this run of `lab` lives in the store."""
+        return store.run_path(lab.info.slug, self.kind, self.params(), root)
+
+    def compute(self, lab: Lab) -> HeadScores:
+        raise NotImplementedError(f"{type(self).__name__} must define compute()")
+
+    def result(self, lab: Lab, values: torch.Tensor, raw: dict | None = None, meta: dict | None = None) -> HeadScores:
+        """`HeadScores` of this run: `values` `[n_layers, n_heads]`, with kind, model and params filled in."""
+        return HeadScores(kind=self.kind, model=lab.info.name, params=self.params(), values=values,
+                          raw=raw or {}, meta=meta or {})
 
 
 def _load_modules() -> None:
-    for module in _MODULES:
-        importlib.import_module(module)
+    """Import every module of this package once, so each registers its scorers."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def kinds() -> list[str]:
@@ -43,25 +78,38 @@ def kinds() -> list[str]:
     return sorted(_SCORERS)
 
 
-def scorer(kind: str) -> Callable[..., HeadScores]:
+def scorer_class(kind: str) -> type[Scorer]:
+    """The scorer registered under `kind`."""
     _load_modules()
     if kind not in _SCORERS:
         raise KeyError(f"Unknown score kind '{kind}'. Known kinds: {', '.join(kinds())}.")
     return _SCORERS[kind]
 
 
-def resolve_params(kind: str, **params) -> dict:
-    """The scorer's keyword defaults overridden by `params`; unknown names are an error."""
-    fn = scorer(kind)
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = set(params) - set(defaults)
+def scorer_fields(kind: str) -> dict[str, object]:
+    """`{parameter: default}` of the scorer of `kind`, in declaration order."""
+    return {f.name: f.default for f in dataclasses.fields(scorer_class(kind))}
+
+
+def make_scorer(kind: str, **params) -> Scorer:
+    """The scorer of `kind` with `params` over its defaults; an unknown parameter is an error naming the known ones."""
+    cls = scorer_class(kind)
+    unknown = set(params) - set(scorer_fields(kind))
     if unknown:
-        raise TypeError(f"Score kind '{kind}' takes no parameter {sorted(unknown)}; it takes {sorted(defaults)}.")
-    return {**defaults, **params}
+        raise TypeError(f"Score kind '{kind}' takes no parameter {sorted(unknown)}; it takes {sorted(scorer_fields(kind))}.")
+    return cls(**params)
+
+
+def resolve_params(kind: str, **params) -> dict:
+    """The full parameters of a run of `kind`: its defaults overridden by `params`."""
+    return make_scorer(kind, **params).params()
+
+
+def _compute(config: Scorer, lab: Lab) -> HeadScores:
+    started = time.perf_counter()
+    result = config.compute(lab)
+    result.meta.setdefault("seconds", round(time.perf_counter() - started, 2))
+    return result
 
 
 def score(lab: Lab, kind: str, *, recompute: bool = False, save: bool = True, **params) -> HeadScores:
@@ -69,13 +117,12 @@ def score(lab: Lab, kind: str, *, recompute: bool = False, save: bool = True, **
 
     Returns `HeadScores` with `values` `[n_layers, n_heads]`.
     """
-    full = resolve_params(kind, **params)
-    path = store.run_path(lab.info.slug, kind, full)
-    if path.exists() and not recompute:
-        return HeadScores.load(path)
-    started = time.perf_counter()
-    result = scorer(kind)(lab, **full)
-    result.meta.setdefault("seconds", round(time.perf_counter() - started, 2))
-    if save:
-        result.save(path)
-    return result
+    config = make_scorer(kind, **params)
+    return store.cached_run(config.run_path(lab), HeadScores.load, lambda: _compute(config, lab),
+                            recompute=recompute, save=save)
+
+
+def stored(lab: Lab, kind: str, **params) -> HeadScores | None:
+    """The stored run of `kind` with `params` for `lab`, or None; never computes."""
+    path = make_scorer(kind, **params).run_path(lab)
+    return HeadScores.load(path) if path.exists() else None

@@ -8,12 +8,15 @@ Default prompts: BOS + a random token sequence + the same sequence again (`n` sa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformer_lens import head_detector
 
-from headlab import data
+from headlab.activations import act_name, capture, layer_names
+from headlab.datasets import data
 from headlab.lab import Lab
-from headlab.scorers import register
+from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 DETECTION_PATTERNS = {
@@ -33,55 +36,77 @@ def attention_mass_on_targets(lab: Lab, tokens: torch.Tensor, targets: torch.Ten
     Returns:
         `[batch, n_layers, n_heads]`.
     """
-    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(lab.info.n_layers)}
-    _, cache = lab.model.run_with_cache(tokens.to(lab.device), names_filter=lambda n: n in names)
+    patterns = capture(lab, tokens, layer_names(lab, "pattern"))
     targets = targets.to(lab.device, torch.float32)
     has_target = (targets.sum(-1) > 0).float()  # [batch, q_pos]
     n_queries = has_target.sum(-1).clamp(min=1)  # [batch]
     per_layer = []
     for layer in range(lab.info.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()  # [batch, head, q, k]
+        pattern = patterns[act_name("pattern", layer)].float()  # [batch, head, q, k]
         mass = torch.einsum("bhqk,bqk->bhq", pattern, targets)
         per_layer.append((mass * has_target[:, None]).sum(-1) / n_queries[:, None])
     return torch.stack(per_layer, dim=1).cpu()
 
 
-def _score(lab: Lab, kind: str, prompts: list[str] | None, n: int, seed: int, seq_len: int, batch_size: int) -> HeadScores:
-    if prompts:
-        repeat = 1 if kind == "previous_token" else 2
-        samples = data.texts_to_tokens(lab, prompts, repeat=repeat)
-    else:
-        samples = list(data.repeated_random_tokens(lab, n, seq_len, seed).split(1))
-    detect = DETECTION_PATTERNS[kind]
-    per_sample = []
-    # Samples of one length are batched; user prompts of different lengths run one by one.
-    groups: dict[int, list[torch.Tensor]] = {}
-    for sample in samples:
-        groups.setdefault(sample.shape[1], []).append(sample)
-    for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            tokens = torch.cat(group[start : start + batch_size])
-            targets = torch.stack([detect(row[None].cpu()) for row in tokens])
-            per_sample.append(attention_mass_on_targets(lab, tokens, targets))
-    per_sample = torch.cat(per_sample)
-    return HeadScores(
-        kind=kind,
-        model=lab.info.name,
-        params={"prompts": prompts, "n": n, "seed": seed, "seq_len": seq_len, "batch_size": batch_size},
-        values=per_sample.mean(0),
-        raw={"per_sample": per_sample},
-        meta={"metric": f"mean attention mass on the {kind.replace('_', '-')} target positions", "n_samples": len(samples)},
-    )
+@dataclass(frozen=True)
+class PatternScorer(Scorer):
+    """Attention mass on the kind's detection-pattern targets, over `n` repeated random sequences or `prompts`.
+
+    Cost: one forward pass per batch of `n` prompts of `2 * seq_len + 1` tokens, keeping every layer's
+    `[batch, head, pos, pos]` pattern: time grows with n x model size x pos, memory with batch x layers x pos^2.
+    """
+
+    prompts: list[str] | None = None
+    n: int = 16
+    seed: int = 0
+    seq_len: int = 48
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("n", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{self.kind}: {name} must be at least 1; got {getattr(self, name)}.")
+
+    def samples(self, lab: Lab) -> list[torch.Tensor]:
+        """`[1, pos]` token rows: the user's prompts (repeated twice, but for previous-token) or the random sequences."""
+        if self.prompts:
+            return data.texts_to_tokens(lab, self.prompts, repeat=1 if self.kind == "previous_token" else 2)
+        return list(data.repeated_random_tokens(lab, self.n, self.seq_len, self.seed).split(1))
+
+    def compute(self, lab: Lab) -> HeadScores:
+        samples = self.samples(lab)
+        detect = DETECTION_PATTERNS[self.kind]
+        per_sample = []
+        # Samples of one length are batched; user prompts of different lengths run one by one.
+        groups: dict[int, list[torch.Tensor]] = {}
+        for sample in samples:
+            groups.setdefault(sample.shape[1], []).append(sample)
+        for group in groups.values():
+            for start in range(0, len(group), self.batch_size):
+                tokens = torch.cat(group[start : start + self.batch_size])
+                targets = torch.stack([detect(row[None].cpu()) for row in tokens])
+                per_sample.append(attention_mass_on_targets(lab, tokens, targets))
+        per_sample = torch.cat(per_sample)
+        return self.result(lab, per_sample.mean(0), raw={"per_sample": per_sample}, meta={
+            "metric": f"mean attention mass on the {self.kind.replace('_', '-')} target positions", "n_samples": len(samples)})
 
 
-def _make_scorer(kind: str, doc: str):
-    def scorer(lab: Lab, *, prompts: list[str] | None = None, n: int = 16, seed: int = 0, seq_len: int = 48, batch_size: int = 8) -> HeadScores:
-        return _score(lab, kind, prompts, n, seed, seq_len, batch_size)
+@dataclass(frozen=True)
+class PreviousToken(PatternScorer):
+    """Attention from each token to the one just before it."""
 
-    scorer.__name__, scorer.__doc__ = kind, doc
-    return register(kind)(scorer)
+    kind = "previous_token"
 
 
-previous_token = _make_scorer("previous_token", "Attention from each token to the one just before it.")
-duplicate_token = _make_scorer("duplicate_token", "Attention from a repeated token to its earlier occurrences.")
-induction = _make_scorer("induction", "Attention from a repeated token to the token after its earlier occurrence.")
+@dataclass(frozen=True)
+class DuplicateToken(PatternScorer):
+    """Attention from a repeated token to its earlier occurrences."""
+
+    kind = "duplicate_token"
+
+
+@dataclass(frozen=True)
+class Induction(PatternScorer):
+    """Attention from a repeated token to the token after its earlier occurrence."""
+
+    kind = "induction"

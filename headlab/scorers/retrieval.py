@@ -9,60 +9,24 @@ retrieval heads. The model's own exact-match
 accuracy is reported beside the scores (`meta["accuracy"]`): only copying steps can count, so a
 model that answers wrong scores little.
 
-Generation runs the HF model the bridge wraps with its KV cache, one token per step, inside
-`lab.model.hooks(...)`: the bridge's hooks (`hook_pattern`, `hook_z`, ...) fire on those calls, so
-the same loop serves the scorer (reading the newest query's attention row) and the ablation tasks
-(hooks that edit `hook_z`).
+Generation (`headlab.generation.greedy_generate`) runs under the bridge's hooks with the KV cache,
+keeping only the newest query's attention row at each step.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
-from headlab import needles
+from headlab.datasets import needles
+from headlab.generation import answer_budget, answer_is_correct, greedy_generate
+from headlab.heads import Head
 from headlab.lab import Lab
-from headlab.scorers import register
-from headlab.scores import Head, HeadScores
-from headlab.tasks import Hook
+from headlab.scorers import Scorer
+from headlab.scores import HeadScores
 
 RETRIEVAL_THRESHOLD = 0.1
-
-
-@torch.no_grad()
-def greedy_generate(
-    lab: Lab, tokens: torch.Tensor, max_new_tokens: int, hooks: list[Hook] | None = None, keep_attention: bool = False,
-) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding of `tokens` `[1, pos]` with `hooks` active.
-
-    Returns the generated ids and, when `keep_attention`, for every generated token the attention
-    of the query that produced it over all keys so far: `[n_layers, n_heads, k]` each.
-    """
-    n_layers = lab.info.n_layers
-    rows: dict[int, torch.Tensor] = {}
-
-    def keeper(layer: int):
-        def keep(pattern, hook=None):  # [batch, head, q, k]: only the newest query's row is kept
-            rows[layer] = pattern[0, :, -1].detach().float().cpu()
-            return pattern
-
-        return keep
-
-    all_hooks = list(hooks or [])
-    if keep_attention:
-        all_hooks += [(f"blocks.{layer}.attn.hook_pattern", keeper(layer)) for layer in range(n_layers)]
-    model = lab.hf_model
-    generated, attention = [], []
-    with lab.model.hooks(fwd_hooks=all_hooks):
-        out = model(tokens.to(lab.device), use_cache=True)
-        for step in range(max_new_tokens):
-            next_id = out.logits[0, -1].argmax()
-            generated.append(int(next_id))
-            if keep_attention:
-                attention.append(torch.stack([rows[layer] for layer in range(n_layers)]))
-            if step + 1 < max_new_tokens:
-                out = model(next_id.view(1, 1).to(lab.device), past_key_values=out.past_key_values, use_cache=True)
-    return generated, attention
 
 
 def copy_hits(attention: torch.Tensor, prompt_ids: torch.Tensor, generated_id: int, needle_start: int, needle_end: int) -> torch.Tensor:
@@ -88,16 +52,6 @@ def sample_retrieval_score(attention: list[torch.Tensor], prompt_ids: torch.Tens
     return total / (needle_end - needle_start)
 
 
-def answer_is_correct(lab: Lab, generated: list[int], answer: str) -> bool:
-    """Exact match: the generated text, stripped, starts with `answer`."""
-    return lab.tokenizer.decode(generated).strip().startswith(answer.strip())
-
-
-def answer_budget(lab: Lab, answer: str) -> int:
-    """New tokens to generate for `answer`: its token count plus two."""
-    return len(lab.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 2
-
-
 def topk_jaccard(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """Jaccard overlap of the top-`k` heads of two `[layer, head]` score tensors."""
     top_a = set(torch.argsort(a.flatten(), descending=True, stable=True)[:k].tolist())
@@ -111,50 +65,51 @@ def _stability(per_sample: torch.Tensor, group: list, k: int) -> dict[str, float
     return {f"{a} vs {b}": round(topk_jaccard(means[a], means[b], k), 3) for a, b in itertools.combinations(means, 2)}
 
 
-@register("retrieval")
-def retrieval(
-    lab: Lab,
-    *,
-    n: int = 3,
-    seed: int = 0,
-    needle: str = "fact",
-    haystack: str = "filler",
-    lengths: tuple[int, ...] | list[int] = (256, 512),
-    depths: tuple[float, ...] | list[float] = (0.1, 0.5, 0.9),
-    stability_k: int = 10,
-) -> HeadScores:
-    """Retrieval score of every head over `n` needles per (length, depth) cell."""
-    samples = needles.needle_grid(lab, shape=needle, haystack=haystack, lengths=lengths, depths=depths, n=n, seed=seed)
-    per_sample, correct, answers = [], [], []
-    for sample in samples:
-        generated, attention = greedy_generate(lab, sample.tokens, answer_budget(lab, sample.needle.answer), keep_attention=True)
-        per_sample.append(sample_retrieval_score(attention, sample.tokens[0].cpu(), generated, sample.needle_start, sample.needle_end))
-        correct.append(answer_is_correct(lab, generated, sample.needle.answer))
-        answers.append(lab.tokenizer.decode(generated))
-    per_sample = torch.stack(per_sample)
-    values = per_sample.mean(0)
-    return HeadScores(
-        kind="retrieval",
-        model=lab.info.name,
-        params={"n": n, "seed": seed, "needle": needle, "haystack": haystack, "lengths": list(lengths),
-                "depths": list(depths), "stability_k": stability_k},
-        values=values,
-        raw={
-            "per_sample": per_sample,
-            "correct": torch.tensor(correct, dtype=torch.float32),
-            "lengths": torch.tensor([s.context_len for s in samples]),
-            "depths": torch.tensor([s.depth for s in samples]),
-        },
-        meta={
+@dataclass(frozen=True)
+class Retrieval(Scorer):
+    """Retrieval score of every head over `n` needles per (length, depth) cell.
+
+    Cost: one greedy generation per needle (a prefill of `length` tokens plus a few cached steps), keeping
+    the newest query's attention row: time grows with n x cells x model size x length, memory with one
+    eager prefill's `[head, length, length]` pattern per layer (quadratic in length).
+    """
+
+    kind = "retrieval"
+    n: int = 3
+    seed: int = 0
+    needle: str = "fact"
+    haystack: str = "filler"
+    lengths: tuple[int, ...] = (256, 512)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    stability_k: int = 10
+
+    def __post_init__(self):
+        if int(self.n) < 1 or not self.lengths or not self.depths:
+            raise ValueError(f"retrieval needs n >= 1 and at least one length and depth; got n={self.n}, "
+                             f"lengths={list(self.lengths)}, depths={list(self.depths)}.")
+
+    def compute(self, lab: Lab) -> HeadScores:
+        samples = needles.needle_grid(lab, shape=self.needle, haystack=self.haystack, lengths=self.lengths,
+                                      depths=self.depths, n=self.n, seed=self.seed)
+        per_sample, correct, answers = [], [], []
+        for sample in samples:
+            generated, attention = greedy_generate(lab, sample.tokens, answer_budget(lab, sample.needle.answer), keep_attention=True)
+            per_sample.append(sample_retrieval_score(attention, sample.tokens[0].cpu(), generated, sample.needle_start, sample.needle_end))
+            correct.append(answer_is_correct(lab, generated, sample.needle.answer))
+            answers.append(lab.tokenizer.decode(generated))
+        per_sample = torch.stack(per_sample)
+        values = per_sample.mean(0)
+        raw = {"per_sample": per_sample, "correct": torch.tensor(correct, dtype=torch.float32),
+               "lengths": torch.tensor([s.context_len for s in samples]), "depths": torch.tensor([s.depth for s in samples])}
+        return self.result(lab, values, raw, meta={
             "metric": "copy-paste rate from the needle during greedy decoding (Wu et al. 2024)",
             "accuracy": sum(correct) / len(correct),
             "n_samples": len(samples),
             "fraction_above_threshold": float((values > RETRIEVAL_THRESHOLD).float().mean()),
             "threshold": RETRIEVAL_THRESHOLD,
-            "stability_across_lengths": _stability(per_sample, [s.context_len for s in samples], stability_k),
+            "stability_across_lengths": _stability(per_sample, [s.context_len for s in samples], self.stability_k),
             "answers": answers,
-        },
-    )
+        })
 
 
 def retrieval_heads(scores: HeadScores, threshold: float = RETRIEVAL_THRESHOLD) -> list[Head]:

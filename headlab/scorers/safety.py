@@ -22,16 +22,21 @@ Needs a model that refuses: the embedded model does not; load "embedded-refusal"
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from headlab import requests, scan
+from headlab import scan, store
+from headlab.ablation.engine import method_state
+from headlab.ablation.methods import AblationMethod, ScaledQuery, by_layer, make_method, method_fields
+from headlab.activations import kl_divergence
+from headlab.datasets import requests
+from headlab.heads import Head, all_heads, head_label
 from headlab.lab import Lab
-from headlab.scorers import register
-from headlab.scores import Head, HeadScores
+from headlab.scorers import Scorer
+from headlab.scores import HeadScores
 
-SHIPS_METHODS = ("scaled_query", "zero")
 SAHARA_OBJECTIVES = ("kl", "refusal_prob")
 
 
@@ -64,34 +69,20 @@ def choose_requests(prompts, n: int | None, seed: int, split: str) -> list[str]:
     return pool
 
 
-def _check(method: str, epsilon: float) -> None:
-    if method not in SHIPS_METHODS:
-        raise ValueError(f"Ships ablation must be one of {', '.join(SHIPS_METHODS)}; got {method!r}.")
-    if method == "scaled_query" and not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1); got {epsilon}.")
-
-
 @torch.no_grad()
 def intact_last_logits(lab: Lab, tokens: torch.Tensor) -> torch.Tensor:
     """`[batch, d_vocab]` next-token logits at the last position, no hooks."""
     return lab.model(tokens.to(lab.device), return_type="logits")[:, -1].float()
 
 
-def _kl(intact_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(intact || ablated) over the last axis: `intact_logp` `[batch, V]`, `logits` `[..., batch, V]`."""
-    ablated = torch.log_softmax(logits.float(), dim=-1)
-    return (intact_logp.exp() * (intact_logp - ablated)).sum(-1)
-
-
 @torch.no_grad()
 def ships_per_request(
-    lab: Lab, prompts: list[str], *, method: str = "scaled_query", epsilon: float = 1e-3,
-    heads: list[Head] | None = None, chunk: int | None = None, progress=None,
+    lab: Lab, prompts: list[str], method: AblationMethod, *, heads: list[Head] | None = None, chunk: int | None = None,
+    progress=None,
 ) -> torch.Tensor:
-    """`[n_requests, n_layers, n_heads]`: Ships of each head on each request (NaN for heads not scanned)."""
-    _check(method, epsilon)
+    """`[n_requests, n_layers, n_heads]`: Ships of each head on each request with `method` (NaN for heads not scanned)."""
     info = lab.info
-    heads = heads if heads is not None else [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
+    heads = heads if heads is not None else all_heads(info)
     out = torch.full((len(prompts), info.n_layers, info.n_heads), float("nan"))
     groups = length_groups(lab, prompts)
     for g, (index, tokens) in enumerate(groups):
@@ -99,7 +90,7 @@ def ships_per_request(
         blocks: list[torch.Tensor] = []
 
         def measure(logits: torch.Tensor) -> torch.Tensor:  # [k, batch, pos, V] -> [k], keeping [k, batch]
-            kl = _kl(intact, logits[:, :, -1]).cpu()
+            kl = kl_divergence(intact, logits[:, :, -1]).cpu()
             blocks.append(kl)
             return kl.mean(-1)
 
@@ -107,54 +98,93 @@ def ships_per_request(
             if progress is not None:
                 progress((g + fraction) / len(groups), f"length group {g + 1}/{len(groups)}: {message}")
 
-        scan.ablation_scan(lab, tokens, measure, method=method, heads=heads, epsilon=epsilon, chunk=chunk,
-                           positions="last", progress=group_progress)
+        scan.ablation_scan(lab, tokens, measure, method=method, heads=heads, chunk=chunk, positions="last",
+                           progress=group_progress)
         per_head = torch.cat(blocks)  # [n_heads scanned, batch] in `heads` order
         for (layer, head), values in zip(heads, per_head):
             out[index, layer, head] = values
     return out
 
 
-@register("safety")
-def safety(
-    lab: Lab,
-    *,
-    n: int | None = 8,
-    seed: int = 0,
-    prompts: list[str] | str | None = None,
-    split: str = "train",
-    method: str = "scaled_query",
-    epsilon: float = 1e-3,
-) -> HeadScores:
+@dataclass(frozen=True)
+class Safety(Scorer):
     """Ships of every head, averaged over `n` harmful requests (built-in `split`, or `prompts`: a list or a CSV/JSONL path).
 
     The default requests are the harmful *training* requests, so ablation experiments on the held-out
-    ones (task "refusal") never select heads on the requests they are measured on.
+    ones (task "refusal") never select heads on the requests they are measured on. `method` is any
+    ablation method; `epsilon` is passed to the methods that take one (the paper's `scaled_query`).
+
+    Cost: one intact pass plus one ablated pass per head for each request (batched by the scan, the
+    intact prefix shared): time grows with n x heads x model size x request length (about 60 tokens).
     """
-    chosen = choose_requests(prompts, n, seed, split)
-    per_request = ships_per_request(lab, chosen, method=method, epsilon=epsilon)
-    first_tokens = []
-    for index, tokens in length_groups(lab, chosen):
-        top = intact_last_logits(lab, tokens).argmax(-1).tolist()
-        first_tokens += list(zip(index, [lab.tokenizer.decode([t]) for t in top]))
-    first_tokens = [t for _, t in sorted(first_tokens)]
-    return HeadScores(
-        kind="safety",
-        model=lab.info.name,
-        params={"n": n, "seed": seed, "prompts": prompts, "split": split, "method": method, "epsilon": epsilon},
-        values=per_request.mean(0),
-        raw={"per_request": per_request},
-        meta={
+
+    kind = "safety"
+    n: int | None = 8
+    seed: int = 0
+    prompts: list[str] | str | None = None
+    split: str = "train"
+    method: str = "scaled_query"
+    epsilon: float = ScaledQuery.epsilon
+
+    def __post_init__(self):
+        self.ablation()  # an unknown method or a bad epsilon fails here, before any work
+        if self.n is not None and int(self.n) < 1:
+            raise ValueError(f"n must be at least 1 request; got {self.n}.")
+
+    def ablation(self) -> AblationMethod:
+        """The ablation method object: `method`, given `epsilon` where it takes one."""
+        return make_method(self.method, **{k: v for k, v in {"epsilon": self.epsilon}.items() if k in method_fields(self.method)})
+
+    def compute(self, lab: Lab) -> HeadScores:
+        chosen = choose_requests(self.prompts, self.n, self.seed, self.split)
+        method = self.ablation()
+        per_request = ships_per_request(lab, chosen, method)
+        first_tokens = []
+        for index, tokens in length_groups(lab, chosen):
+            top = intact_last_logits(lab, tokens).argmax(-1).tolist()
+            first_tokens += list(zip(index, [lab.tokenizer.decode([t]) for t in top]))
+        params = ", ".join(f"{k} {v}" for k, v in method.params().items())
+        return self.result(lab, per_request.mean(0), {"per_request": per_request}, meta={
             "metric": "Ships: KL(intact || head ablated) of the next-token distribution at the assistant-turn start, "
-                      f"mean over harmful requests ({method}" + (f", epsilon {epsilon}" if method == "scaled_query" else "") + ")",
+                      f"mean over harmful requests ({method.name}" + (f", {params}" if params else "") + ")",
             "n_requests": len(chosen),
             "requests": chosen,
-            "intact_first_tokens": first_tokens,
-        },
-    )
+            "intact_first_tokens": [t for _, t in sorted(first_tokens)],
+        })
 
 
 # --- Sahara ------------------------------------------------------------------------------------
+
+
+SAHARA_FORMAT = "headlab.sahara/v1"
+
+
+@dataclass(frozen=True)
+class Sahara(Safety):
+    """A Sahara search: the Ships requests and ablation (inherited from `Safety`) plus the search's own settings.
+
+    Fields: `k` heads to add; candidates = the `pool` best Ships heads (None: every head — 270 ablated
+    passes per step); `objective` "kl" (KL from the intact next-token distribution) or "refusal_prob"
+    (drop of the probability of the intact model's first answer token).
+
+    Cost: k steps of one ablated pass per candidate and request, batched: time grows with k x pool x n.
+    """
+
+    kind = ""  # not a head score: `sahara()` runs it
+    k: int = 4
+    pool: int | None = 27
+    objective: str = "kl"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in SAHARA_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(SAHARA_OBJECTIVES)}; got {self.objective!r}.")
+        if int(self.k) < 1:
+            raise ValueError(f"k must be at least 1 head; got {self.k}.")
+
+    def ships(self) -> Safety:
+        """The Ships scorer on the same requests and ablation, which ranks the candidates."""
+        return Safety(**{f: getattr(self, f) for f in Safety.__dataclass_fields__})
 
 
 @dataclass
@@ -169,6 +199,7 @@ class SaharaResult:
     epsilon: float
     candidates: list[Head]
     n_requests: int
+    params: dict = field(default_factory=dict)  # the `Sahara` config and the Ships run it ranked candidates by
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,15 +207,27 @@ class SaharaResult:
     def to_frame(self):
         import pandas as pd
 
-        return pd.DataFrame({"step": range(1, len(self.heads) + 1), "added": [f"L{l}H{h}" for l, h in self.heads],
+        return pd.DataFrame({"step": range(1, len(self.heads) + 1), "added": [head_label(*h) for h in self.heads],
                              self.objective: self.curve})
+
+    def save(self, path: Path) -> Path:
+        store.write_json(path, {"format": SAHARA_FORMAT, "record": "sahara", "kind": "sahara", "params": self.params,
+                                "result": self.to_dict()})
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "SaharaResult":
+        result = store.read_record(path, SAHARA_FORMAT, "Sahara")["result"]
+        result["heads"] = [tuple(h) for h in result["heads"]]
+        result["candidates"] = [tuple(h) for h in result["candidates"]]
+        return cls(**result)
 
 
 def _objective_fn(objective: str, intact_logits: torch.Tensor):
     """`[k, batch, V]` last-position logits -> `[k, batch]` objective values (higher = moved further)."""
     intact_logp = torch.log_softmax(intact_logits, dim=-1)
     if objective == "kl":
-        return lambda logits: _kl(intact_logp, logits)
+        return lambda logits: kl_divergence(intact_logp, logits)
     first = intact_logits.argmax(-1)  # [batch]: the intact model's own first answer token
     p_intact = intact_logp.exp().gather(-1, first[:, None])[:, 0]
 
@@ -196,13 +239,9 @@ def _objective_fn(objective: str, intact_logits: torch.Tensor):
 
 
 @torch.no_grad()
-def _group_values(lab: Lab, groups, group_heads: list[Head], candidates: list[Head], method: str, epsilon: float,
+def _group_values(lab: Lab, groups, group_heads: list[Head], candidates: list[Head], method: AblationMethod,
                   objective: str, intact: list[torch.Tensor], chunk: int | None) -> torch.Tensor:
     """`[len(candidates)]`: the objective (mean over requests) with `group_heads` + each candidate ablated."""
-    from headlab.ablation import ablation_hooks
-
-    params = {"epsilon": epsilon} if method == "scaled_query" else {}
-    base = ablation_hooks(lab, group_heads, method, None, **params)
     total = torch.zeros(len(candidates))
     count = 0
     for (index, tokens), intact_logits in zip(groups, intact):
@@ -212,8 +251,10 @@ def _group_values(lab: Lab, groups, group_heads: list[Head], candidates: list[He
         size = scan.heads_per_pass(lab, tokens, chunk)
         for start in range(0, len(candidates), size):
             part = candidates[start:start + size]
-            hooks = base + scan._block_hooks(lab, part, batch, method, epsilon, None)
-            with lab.model.hooks(fwd_hooks=hooks):
+            targets = scan.block_targets(part, batch)  # the group in every row, one candidate per block
+            for layer, heads in by_layer(group_heads).items():
+                targets.setdefault(layer, []).insert(0, (slice(None), heads))
+            with lab.model.hooks(fwd_hooks=method.hooks(lab, targets, method_state(lab, method, tokens))):
                 logits = lab.model(tokens.repeat(len(part), 1), return_type="logits")[:, -1]
             values = fn(logits.view(len(part), batch, -1).float())  # [k, batch]
             total[start:start + len(part)] += values.sum(-1).cpu()
@@ -221,59 +262,46 @@ def _group_values(lab: Lab, groups, group_heads: list[Head], candidates: list[He
     return total / count
 
 
-@torch.no_grad()
-def sahara(
-    lab: Lab,
-    *,
-    k: int = 4,
-    scores: HeadScores | None = None,
-    pool: int | None = 27,
-    prompts: list[str] | str | None = None,
-    n: int | None = 8,
-    seed: int = 0,
-    split: str = "train",
-    method: str = "scaled_query",
-    epsilon: float = 1e-3,
-    objective: str = "kl",
-    chunk: int | None = None,
-    progress=None,
-) -> SaharaResult:
+def sahara(lab: Lab, *, scores: HeadScores | None = None, chunk: int | None = None, recompute: bool = False,
+           save: bool = True, progress=None, **params) -> SaharaResult:
     """Greedy search for the `k` heads whose joint ablation moves the model furthest on harmful requests.
 
-    Args:
-        scores: Ships scores ranking the candidates (default: `hl.score(lab, "safety", ...)` on the same requests).
-        pool: candidates = the `pool` best Ships heads (None: every head — 270 ablated passes per step).
-        objective: "kl" (KL from the intact next-token distribution) or "refusal_prob" (drop of the
-            probability of the intact model's first answer token).
-    Returns:
-        `SaharaResult` with the group (in the order added) and the objective after each step.
+    `params`: the `Sahara` fields (k, pool, objective, and the Ships requests and ablation). `scores`: Ships
+    scores ranking the candidates (default: `hl.score(lab, "safety", ...)` on the same requests and ablation).
+    Read from the store when this search (and the Ships run behind it) was run before, unless `recompute`.
+    Returns `SaharaResult` with the group (in the order added) and the objective after each step.
     """
-    _check(method, epsilon)
-    if objective not in SAHARA_OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(SAHARA_OBJECTIVES)}; got {objective!r}.")
-    if k < 1:
-        raise ValueError(f"k must be at least 1 head; got {k}.")
-    info = lab.info
+    config = Sahara(**params)
     if scores is None:
         from headlab.scorers import score
 
-        scores = score(lab, "safety", n=n, seed=seed, prompts=prompts, split=split, method=method, epsilon=epsilon)
-    all_heads = info.n_layers * info.n_heads
-    candidates = scores.top_heads(all_heads if pool is None else min(pool, all_heads))
-    if k > len(candidates):
-        raise ValueError(f"k={k} is larger than the candidate pool ({len(candidates)} heads).")
-    chosen = choose_requests(prompts, n, seed, split)
+        scores = score(lab, "safety", **config.ships().params())
+    key = {**config.params(), "ships": {"kind": scores.kind, "params": scores.params}}
+    path = store.run_path(lab.info.slug, "sahara", key)
+    return store.cached_run(path, SaharaResult.load, lambda: _search(lab, config, scores, chunk, progress, key),
+                            recompute=recompute, save=save)
+
+
+@torch.no_grad()
+def _search(lab: Lab, config: Sahara, scores: HeadScores, chunk: int | None, progress, key: dict) -> SaharaResult:
+    info = lab.info
+    n_all = info.n_layers * info.n_heads
+    candidates = scores.top_heads(n_all if config.pool is None else min(config.pool, n_all))
+    if config.k > len(candidates):
+        raise ValueError(f"k={config.k} is larger than the candidate pool ({len(candidates)} heads).")
+    chosen = choose_requests(config.prompts, config.n, config.seed, config.split)
     groups = length_groups(lab, chosen)
     intact = [intact_last_logits(lab, tokens) for _, tokens in groups]
+    method = config.ablation()
     group: list[Head] = []
     curve: list[float] = []
-    for step in range(k):
+    for step in range(config.k):
         left = [h for h in candidates if h not in group]
-        values = _group_values(lab, groups, group, left, method, epsilon, objective, intact, chunk)
+        values = _group_values(lab, groups, group, left, method, config.objective, intact, chunk)
         best = int(values.argmax())
         group.append(left[best])
         curve.append(float(values[best]))
         if progress is not None:
-            progress((step + 1) / k, f"Sahara step {step + 1}/{k}: added L{left[best][0]}H{left[best][1]}")
-    return SaharaResult(model=info.name, heads=group, curve=curve, objective=objective, method=method, epsilon=epsilon,
-                        candidates=candidates, n_requests=len(chosen))
+            progress((step + 1) / config.k, f"Sahara step {step + 1}/{config.k}: added {head_label(*left[best])}")
+    return SaharaResult(model=info.name, heads=group, curve=curve, objective=config.objective, method=method.name,
+                        epsilon=config.epsilon, candidates=candidates, n_requests=len(chosen), params=key)

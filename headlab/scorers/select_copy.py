@@ -25,18 +25,20 @@ restricted to the option letters, 'A' or ' A' whichever is larger) is measured o
 (`meta["logits_accuracy"]`). `raw` holds every variant's per-head accuracy on both splits and the
 per-prompt option scores.
 
-Default prompts: synthetic category questions (`headlab.mcqa`) in the chat template; `dataset=`
+Default prompts: synthetic category questions (`headlab.datasets.mcqa`) in the chat template; `dataset=`
 a JSONL/CSV path scores a user's questions instead.
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
-from headlab import mcqa
+from headlab.activations import act_name, capturing, layer_names
+from headlab.datasets import mcqa
 from headlab.lab import Lab
-from headlab.scorers import register
+from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 VARIANTS = ("qk_label", "attn_label", "qk_last", "attn_last", "qk_norope_label")
@@ -107,6 +109,11 @@ def best_head(acc: torch.Tensor) -> tuple[int, int]:
     return flat // acc.shape[1], flat % acc.shape[1]
 
 
+def _final_query(act: torch.Tensor) -> torch.Tensor:
+    """`[batch, head, q, k]` -> `[batch, head, 1, k]`: the final query's row."""
+    return act[:, :, -1:]
+
+
 @torch.no_grad()
 def prompt_scores(lab: Lab, prompts: list[mcqa.Prompt], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """One forward pass per batch: every head's option scores (all `VARIANTS`) and the letter logits.
@@ -118,25 +125,6 @@ def prompt_scores(lab: Lab, prompts: list[mcqa.Prompt], batch_size: int = 8) -> 
     letter_ids = mcqa.letter_token_ids(lab, most)
     out = {v: torch.full((len(prompts), info.n_layers, info.n_heads, most), float("-inf")) for v in VARIANTS}
     out["letter_logits"] = torch.full((len(prompts), most), float("-inf"))
-    stash: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str):
-        def keep(act, hook=None):
-            stash[name] = act[:, :, -1:].detach()  # only the final query row: [batch, head, 1, k]
-            return act
-
-        return keep
-
-    def keeper_qk(name: str):
-        def keep(act, hook=None):
-            stash[name] = act.detach()  # [batch, pos, head or kv head, d_head]
-            return act
-
-        return keep
-
-    names = [f"blocks.{l}.attn.{part}" for l in range(info.n_layers) for part in ("hook_attn_scores", "hook_pattern")]
-    hooks = [(name, keeper(name)) for name in names]
-    hooks += [(f"blocks.{l}.attn.{part}", keeper_qk(f"blocks.{l}.attn.{part}")) for l in range(info.n_layers) for part in ("hook_q", "hook_k")]
     for batch in mcqa.length_groups(prompts, batch_size):
         group = [prompts[i] for i in batch]
         tokens = torch.stack([p.tokens for p in group]).to(lab.device)
@@ -145,81 +133,88 @@ def prompt_scores(lab: Lab, prompts: list[mcqa.Prompt], batch_size: int = 8) -> 
         for row, prompt in enumerate(group):
             labels[row, : prompt.n_options] = torch.tensor(prompt.label_positions)
             lasts[row, : prompt.n_options] = torch.tensor(prompt.last_positions)
-        stash.clear()
         # The HF model the bridge wraps, with only the final position's logits; the bridge's hooks fire on it.
-        with lab.model.hooks(fwd_hooks=hooks):
+        # Scores and patterns keep only the final query's row `[batch, head, 1, k]`; q and k are kept whole.
+        with capturing(lab, layer_names(lab, "attn_scores", "pattern"), _final_query) as stash, \
+                capturing(lab, layer_names(lab, "q", "k")) as qk:
             logits = lab.hf_model(tokens, logits_to_keep=1).logits[:, -1].float().cpu()
         out["letter_logits"][batch] = mcqa.answer_letter_scores(logits, letter_ids, [p.n_options for p in group])
         for layer in range(info.n_layers):
-            scores = stash[f"blocks.{layer}.attn.hook_attn_scores"].float().cpu()
-            pattern = stash[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
+            scores = stash[act_name("attn_scores", layer)].float().cpu()
+            pattern = stash[act_name("pattern", layer)].float().cpu()
             out["qk_label"][batch, layer] = option_scores(scores, labels)
             out["attn_label"][batch, layer] = option_scores(pattern, labels)
             out["qk_last"][batch, layer] = option_scores(scores, lasts)
             out["attn_last"][batch, layer] = option_scores(pattern, lasts)
-            plain = unrotated_scores(stash[f"blocks.{layer}.attn.hook_q"], stash[f"blocks.{layer}.attn.hook_k"]).cpu()
+            plain = unrotated_scores(qk[act_name("q", layer)], qk[act_name("k", layer)]).cpu()
             out["qk_norope_label"][batch, layer] = option_scores(plain, labels)
     return out
 
 
-@register("select_copy")
-def select_copy(
-    lab: Lab,
-    *,
-    dataset: str | None = None,
-    n: int = 48,
-    seed: int = 0,
-    categories: list[str] | None = None,
-    chat: bool = True,
-    val_fraction: float = 0.5,
-    batch_size: int = 8,
-) -> HeadScores:
-    """Each head's test accuracy at picking the right option by its QK-score on the option labels."""
-    questions = mcqa.questions_for(dataset, n, seed, categories)
-    if len(questions) < 2:
-        raise ValueError(f"Select-and-copy scoring needs at least 2 questions (a validation and a test one); got {len(questions)}.")
-    prompts = mcqa.build_prompts(lab, questions, chat=chat)
-    per_prompt = prompt_scores(lab, prompts, batch_size)
-    answers = mcqa.answers_of(prompts)
-    val, test = split_indices(len(prompts), val_fraction, seed)
-    splits = {"val": torch.tensor(val), "test": torch.tensor(test)}
-    raw: dict[str, torch.Tensor] = {}
-    for variant in VARIANTS:
-        for split, idx in splits.items():
-            raw[f"{split}_{variant}"] = accuracy(per_prompt[variant][idx], answers[idx])
-        raw[f"all_{variant}"] = accuracy(per_prompt[variant], answers)
-        raw[f"scores_{variant}"] = per_prompt[variant]
-    letter = per_prompt["letter_logits"]
-    raw["letter_logits"] = letter
-    raw["answers"] = answers.float()
-    raw["is_test"] = torch.zeros(len(prompts)).index_fill_(0, splits["test"], 1.0)
-    logits_acc = {split: float(accuracy(letter[idx], answers[idx])) for split, idx in splits.items()}
-    logits_acc["all"] = float(accuracy(letter, answers))
-    best = {}
-    for variant in VARIANTS:
-        layer, head = best_head(raw[f"val_{variant}"])
-        best[variant] = {
-            "layer": layer, "head": head,
-            "val": float(raw[f"val_{variant}"][layer, head]), "test": float(raw[f"test_{variant}"][layer, head]),
-            "best_test_any_head": float(raw[f"test_{variant}"].max()),
-        }
-    n_options = sorted({p.n_options for p in prompts})
-    return HeadScores(
-        kind="select_copy",
-        model=lab.info.name,
-        params={"dataset": dataset, "n": n, "seed": seed, "categories": categories, "chat": chat,
-                "val_fraction": val_fraction, "batch_size": batch_size},
-        values=raw["test_qk_label"].clone(),
-        raw=raw,
-        meta={
-            "metric": "test-split accuracy of the head's QK-score (final query vs option label key) at picking the answer",
-            "variants": {v: VARIANT_TEXT[v] for v in VARIANTS},
-            "n_samples": len(prompts), "n_val": len(val), "n_test": len(test), "n_options": n_options,
-            "chance": sum(1 / k for k in (p.n_options for p in prompts)) / len(prompts),
-            "format": "chat template" if prompts[0].chat else "plain text ending 'Answer:'",
-            "logits_accuracy": logits_acc,
-            "logits_prediction_counts": torch.bincount(letter.argmax(-1), minlength=max(n_options)).tolist(),
-            "best": best,
-            "example": prompts[test[0] if test else 0].text,
-        },
-    )
+@dataclass(frozen=True)
+class SelectCopy(Scorer):
+    """Each head's test accuracy at picking the right option by its QK-score on the option labels.
+
+    Cost: one forward pass per batch of `n` prompts (about 100 tokens each), keeping the final query's
+    score row and every layer's q and k: time grows with n x model size x prompt length, memory with
+    batch x layers x prompt length x d_model.
+    """
+
+    kind = "select_copy"
+    dataset: str | None = None
+    n: int = 48
+    seed: int = 0
+    categories: list[str] | None = None
+    chat: bool = True
+    val_fraction: float = 0.5
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if int(self.n) < 2 or int(self.batch_size) < 1:
+            raise ValueError(f"select_copy needs n >= 2 questions and batch_size >= 1; got n={self.n}, batch_size={self.batch_size}.")
+
+    def compute(self, lab: Lab) -> HeadScores:
+        dataset, n, seed, categories, chat = self.dataset, self.n, self.seed, self.categories, self.chat
+        val_fraction, batch_size = self.val_fraction, self.batch_size
+        questions = mcqa.questions_for(dataset, n, seed, categories)
+        if len(questions) < 2:
+            raise ValueError(f"Select-and-copy scoring needs at least 2 questions (a validation and a test one); got {len(questions)}.")
+        prompts = mcqa.build_prompts(lab, questions, chat=chat)
+        per_prompt = prompt_scores(lab, prompts, batch_size)
+        answers = mcqa.answers_of(prompts)
+        val, test = split_indices(len(prompts), val_fraction, seed)
+        splits = {"val": torch.tensor(val), "test": torch.tensor(test)}
+        raw: dict[str, torch.Tensor] = {}
+        for variant in VARIANTS:
+            for split, idx in splits.items():
+                raw[f"{split}_{variant}"] = accuracy(per_prompt[variant][idx], answers[idx])
+            raw[f"all_{variant}"] = accuracy(per_prompt[variant], answers)
+            raw[f"scores_{variant}"] = per_prompt[variant]
+        letter = per_prompt["letter_logits"]
+        raw["letter_logits"] = letter
+        raw["answers"] = answers.float()
+        raw["is_test"] = torch.zeros(len(prompts)).index_fill_(0, splits["test"], 1.0)
+        logits_acc = {split: float(accuracy(letter[idx], answers[idx])) for split, idx in splits.items()}
+        logits_acc["all"] = float(accuracy(letter, answers))
+        best = {}
+        for variant in VARIANTS:
+            layer, head = best_head(raw[f"val_{variant}"])
+            best[variant] = {
+                "layer": layer, "head": head,
+                "val": float(raw[f"val_{variant}"][layer, head]), "test": float(raw[f"test_{variant}"][layer, head]),
+                "best_test_any_head": float(raw[f"test_{variant}"].max()),
+            }
+        n_options = sorted({p.n_options for p in prompts})
+        return self.result(lab, raw["test_qk_label"].clone(), raw, meta={
+                "metric": "test-split accuracy of the head's QK-score (final query vs option label key) at picking the answer",
+                "variants": {v: VARIANT_TEXT[v] for v in VARIANTS},
+                "n_samples": len(prompts), "n_val": len(val), "n_test": len(test), "n_options": n_options,
+                "chance": sum(1 / k for k in (p.n_options for p in prompts)) / len(prompts),
+                "format": "chat template" if prompts[0].chat else "plain text ending 'Answer:'",
+                "logits_accuracy": logits_acc,
+                "logits_prediction_counts": torch.bincount(letter.argmax(-1), minlength=max(n_options)).tolist(),
+                "best": best,
+                "example": prompts[test[0] if test else 0].text,
+        })

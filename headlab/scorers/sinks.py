@@ -18,12 +18,16 @@ names the first axis.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from headlab import domains as domain_data
+from headlab.activations import act_name, capture, layer_names
+from headlab.datasets import domains as domain_data
+from headlab.heads import Head
 from headlab.lab import Lab
-from headlab.scorers import register
-from headlab.scores import Head, HeadScores
+from headlab.scorers import Scorer
+from headlab.scores import HeadScores
 
 REFERENCE_QUANTILE = 0.9
 
@@ -103,25 +107,15 @@ def domain_measures(lab: Lab, tokens: torch.Tensor, batch_size: int = 4) -> dict
     w_o = [_layer_output_weights(lab, layer) for layer in range(info.n_layers)]
     sums: dict[str, torch.Tensor] = {}
     batches = list(tokens.split(batch_size))
+    names = layer_names(lab, "pattern", "z", "v", "resid_pre")
     for batch in batches:
-        stash: dict[str, torch.Tensor] = {}
-
-        def keeper(name: str):
-            def keep(act, hook=None):
-                stash[name] = act.detach()  # by the requested name: `hook.name` may be an alias's target
-                return act
-
-            return keep
-
-        names = [f"blocks.{l}.{part}" for l in range(info.n_layers) for part in ("attn.hook_pattern", "attn.hook_z", "attn.hook_v", "hook_resid_pre")]
+        stash = capture(lab, batch, names)
         layer_rows: dict[str, list[torch.Tensor]] = {}
-        with lab.model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
-            lab.model(batch.to(lab.device), return_type=None)
         for layer in range(info.n_layers):
-            v = stash[f"blocks.{layer}.attn.hook_v"]
+            v = stash[act_name("v", layer)]
             v = v.repeat_interleave(info.n_heads // v.shape[2], dim=2)
-            measures = head_sink_measures(stash[f"blocks.{layer}.attn.hook_pattern"], stash[f"blocks.{layer}.attn.hook_z"], w_o[layer], v)
-            resid = stash[f"blocks.{layer}.hook_resid_pre"].float().norm(dim=-1)  # [batch, pos]
+            measures = head_sink_measures(stash[act_name("pattern", layer)], stash[act_name("z", layer)], w_o[layer], v)
+            resid = stash[act_name("resid_pre", layer)].float().norm(dim=-1)  # [batch, pos]
             measures["resid_norm_sink"] = resid[:, 0].mean()
             measures["resid_norm_other"] = resid[:, 1:].mean()
             for key, value in measures.items():
@@ -136,51 +130,54 @@ def domain_dependence(dormancy_matrix: torch.Tensor) -> torch.Tensor:
     return dormancy_matrix.amax(0) - dormancy_matrix.amin(0)
 
 
-@register("sink")
-def sink(
-    lab: Lab,
-    *,
-    domain: str = "prose",
-    domains: tuple[str, ...] | list[str] = domain_data.BUILTIN_DOMAINS,
-    texts: dict[str, str] | None = None,
-    n: int = 4,
-    seed: int = 0,
-    seq_len: int = 256,
-    mass_threshold: float = 0.5,
-    output_threshold: float = 0.3,
-    batch_size: int = 4,
-) -> HeadScores:
-    """Dormancy of every head on `domain`, with all measures for all `domains` (+ the user's `texts`)."""
-    names = list(dict.fromkeys([*domains, *(texts or {})]))
-    if domain not in names:
-        raise ValueError(f"The chosen domain '{domain}' is not among the scored domains {names}.")
-    per_domain = []
-    for index, name in enumerate(names):
-        tokens = domain_data.domain_tokens(lab, name, n, seq_len, seed + 1000 * index, texts)
-        per_domain.append(domain_measures(lab, tokens, batch_size))
-    raw = {key: torch.stack([m[key] for m in per_domain]).float() for key in per_domain[0]}
-    raw["output_rel"] = relative_output(raw["output_norm"])
-    raw["dormancy"] = dormancy(raw["sink_mass"], raw["output_rel"])
-    raw["dormant"] = classify_dormant(raw["sink_mass"], raw["output_rel"], mass_threshold, output_threshold).float()
-    raw["domain_dependence"] = domain_dependence(raw["dormancy"])
-    chosen = names.index(domain)
-    switching = switching_heads(raw["dormant"].bool(), names)
-    return HeadScores(
-        kind="sink",
-        model=lab.info.name,
-        params={
-            "domain": domain, "domains": list(domains), "texts": texts, "n": n, "seed": seed, "seq_len": seq_len,
-            "mass_threshold": mass_threshold, "output_threshold": output_threshold, "batch_size": batch_size,
-        },
-        values=raw["dormancy"][chosen].clone(),
-        raw=raw,
-        meta={
-            "metric": f"dormancy on {domain}: sink attention mass x (1 - output norm relative to an active head of the layer)",
+@dataclass(frozen=True)
+class Sink(Scorer):
+    """Dormancy of every head on `domain`, with all measures for all `domains` (+ the user's `texts`).
+
+    Cost: one forward pass per domain over `n` texts of `seq_len` tokens, keeping every layer's pattern,
+    values and outputs: time grows with domains x n x model size x seq_len, memory with batch x layers x seq_len^2.
+    """
+
+    kind = "sink"
+    domain: str = "prose"
+    domains: tuple[str, ...] = domain_data.BUILTIN_DOMAINS
+    texts: dict[str, str] | None = None
+    n: int = 4
+    seed: int = 0
+    seq_len: int = 256
+    mass_threshold: float = 0.5
+    output_threshold: float = 0.3
+    batch_size: int = 4
+
+    @property
+    def names(self) -> list[str]:
+        """Every scored domain: the built-in `domains`, then the user's `texts`."""
+        return list(dict.fromkeys([*self.domains, *(self.texts or {})]))
+
+    def __post_init__(self):
+        if self.domain not in self.names:
+            raise ValueError(f"The chosen domain '{self.domain}' is not among the scored domains {self.names}.")
+        for name in ("n", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"sink: {name} must be at least 1; got {getattr(self, name)}.")
+
+    def compute(self, lab: Lab) -> HeadScores:
+        names = self.names
+        per_domain = []
+        for index, name in enumerate(names):
+            tokens = domain_data.domain_tokens(lab, name, self.n, self.seq_len, self.seed + 1000 * index, self.texts)
+            per_domain.append(domain_measures(lab, tokens, self.batch_size))
+        raw = {key: torch.stack([m[key] for m in per_domain]).float() for key in per_domain[0]}
+        raw["output_rel"] = relative_output(raw["output_norm"])
+        raw["dormancy"] = dormancy(raw["sink_mass"], raw["output_rel"])
+        raw["dormant"] = classify_dormant(raw["sink_mass"], raw["output_rel"], self.mass_threshold, self.output_threshold).float()
+        raw["domain_dependence"] = domain_dependence(raw["dormancy"])
+        return self.result(lab, raw["dormancy"][names.index(self.domain)].clone(), raw, meta={
+            "metric": f"dormancy on {self.domain}: sink attention mass x (1 - output norm relative to an active head of the layer)",
             "domains": names,
             "n_dormant": {d: int(raw["dormant"][i].sum()) for i, d in enumerate(names)},
-            "switching_heads": switching,
-        },
-    )
+            "switching_heads": switching_heads(raw["dormant"].bool(), names),
+        })
 
 
 def top_switching(scores: HeadScores, k: int = 10) -> list[Head]:

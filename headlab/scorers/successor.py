@@ -38,10 +38,10 @@ from typing import Callable
 
 import torch
 
-from headlab import ordinals
+from headlab.datasets import ordinals
 from headlab.heads import check_head
 from headlab.lab import Lab
-from headlab.scorers import register
+from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 EMBEDDINGS = ("mlp0", "embed+mlp0", "embed", "attn0+mlp0", "block0")
@@ -234,58 +234,67 @@ def check_variant(embedding: str, tasks) -> None:
         raise ValueError(f"Unknown ordinal sequence(s) {unknown}; known: {', '.join(ordinals.SEQUENCES)}.")
 
 
-@register("successor")
-def successor(
-    lab: Lab, *, n: int | None = None, seed: int = 0, tasks: list[str] | None = None,
-    embedding: str = PAPER_EMBEDDING, final_norm: bool = True, center: bool = False, exclude_self: bool = False,
-) -> HeadScores:
+@dataclass(frozen=True)
+class Successor(Scorer):
     """Succession score of every head (Gould et al. 2023): hit rate of t -> successor(t) through the head's OV circuit.
 
-    Args:
-        n: items per ordinal list (its first n; None = all). The score reads weights only.
-        seed: unused (the score is deterministic); kept for the common scorer signature.
-        tasks: ordinal sequences to use (`headlab.ordinals.SEQUENCES`; None = all).
+    Fields:
+        n: items per ordinal list (its first n; None = all). The score reads weights only (no seed: it is deterministic).
+        tasks: ordinal sequences to use (`headlab.datasets.ordinals.SEQUENCES`; None = all).
         embedding, final_norm, center: the variant (module doc); the defaults are the paper's.
         exclude_self: take the argmax over the list's items other than t itself (not the paper's: it
             asks whether a head that mostly copies ranks the successor next).
+
+    Cost: weights only, no forward pass: one `[items, d_model] x [d_model, d_head] x [d_head, d_model]` product
+    per head and an unembedding restricted to the list's items; time grows with heads x items x d_model.
     """
-    check_variant(embedding, tasks)
-    task_list, dropped = ordinals.ordinal_tasks(lab.tokenizer, tasks, max_items=n)
-    parts = model_parts(lab)
-    values, per_task = succession_scores(parts, task_list, exclude_self=exclude_self, embedding=embedding,
-                                         final_norm=final_norm, center=center)
-    return HeadScores(
-        kind="successor",
-        model=lab.info.name,
-        params={"n": n, "seed": seed, "tasks": tasks, "embedding": embedding, "final_norm": final_norm, "center": center,
-                "exclude_self": exclude_self},
-        values=values,
-        raw={"per_task": per_task, "chance": torch.tensor([1.0 / (len(t.items) - exclude_self) for t in task_list])},
-        meta={
+
+    kind = "successor"
+    n: int | None = None
+    tasks: list[str] | None = None
+    embedding: str = PAPER_EMBEDDING
+    final_norm: bool = True
+    center: bool = False
+    exclude_self: bool = False
+
+    def __post_init__(self):
+        check_variant(self.embedding, self.tasks)
+        if self.n is not None and int(self.n) < 2:
+            raise ValueError(f"successor: n (items per list) must be at least 2 so an item has a successor; got {self.n}.")
+
+    @property
+    def variant(self) -> dict:
+        return {"embedding": self.embedding, "final_norm": self.final_norm, "center": self.center}
+
+    def compute(self, lab: Lab) -> HeadScores:
+        task_list, dropped = ordinals.ordinal_tasks(lab.tokenizer, self.tasks, max_items=self.n)
+        values, per_task = succession_scores(model_parts(lab), task_list, exclude_self=self.exclude_self, **self.variant)
+        chance = torch.tensor([1.0 / (len(t.items) - self.exclude_self) for t in task_list])
+        return self.result(lab, values, {"per_task": per_task, "chance": chance}, meta={
             "metric": "fraction of ordinal items whose successor is the argmax (among the list's items) of the "
                       "head's OV circuit applied to the effective embedding, through the final norm and unembedding",
             "tasks": [t.name for t in task_list],
             "items": {t.name: t.items for t in task_list},
             "n_scored": {t.name: t.n_scored for t in task_list},
             "dropped": dropped,
-            "chance": chance_level(task_list, exclude_self),
-            "variant": {"embedding": embedding, "final_norm": final_norm, "center": center, "exclude_self": exclude_self,
-                        "paper": embedding == PAPER_EMBEDDING and final_norm and not center and not exclude_self},
-        },
-    )
+            "chance": chance_level(task_list, self.exclude_self),
+            "variant": {**self.variant, "exclude_self": self.exclude_self,
+                        "paper": self.embedding == PAPER_EMBEDDING and self.final_norm and not self.center and not self.exclude_self},
+        })
 
 
-def head_predictions(lab: Lab, layer: int, head: int, *, n: int | None = None, tasks: list[str] | None = None,
-                     embedding: str = PAPER_EMBEDDING, final_norm: bool = True, center: bool = False,
-                     exclude_self: bool = False):
-    """One head's prediction for every item: a DataFrame (task, item, predicted, successor, hit)."""
+def head_predictions(lab: Lab, layer: int, head: int, **params):
+    """One head's prediction for every item: a DataFrame (task, item, predicted, successor, hit).
+
+    `params`: the `Successor` scorer's fields (n, tasks, the variant, exclude_self), its defaults otherwise.
+    """
     import pandas as pd
 
+    config = Successor(**params)
     layer, head = check_head(lab.info, layer, head)
-    check_variant(embedding, tasks)
-    task_list, _ = ordinals.ordinal_tasks(lab.tokenizer, tasks, max_items=n)
-    logits = succession_logits(model_parts(lab), task_list, embedding=embedding, final_norm=final_norm, center=center,
-                               heads=[(layer, head)])
+    task_list, _ = ordinals.ordinal_tasks(lab.tokenizer, config.tasks, max_items=config.n)
+    logits = succession_logits(model_parts(lab), task_list, heads=[(layer, head)], **config.variant)
+    exclude_self = config.exclude_self
     rows = []
     for task, task_logits in zip(task_list, logits):
         head_logits = task_logits[layer, head]

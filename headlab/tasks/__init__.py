@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
+from headlab.activations import Hook
 from headlab.lab import Lab
 
-Hook = tuple[str, Callable]
 _TASKS: dict[str, type["Task"]] = {}
 _MODULES = [
     "headlab.tasks.repeated_tokens", "headlab.tasks.needle", "headlab.tasks.laundry_list", "headlab.tasks.successor",

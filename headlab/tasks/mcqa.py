@@ -3,7 +3,7 @@
     Which of these is a fruit?  A. hammer  B. banana  C. France  D. red   ->  B
 
 The metric is accuracy of the next-token logits restricted to the option letters (the larger of
-'A' and ' A'). Questions come from `headlab.mcqa.synthetic_questions` with a seed offset, so they
+'A' and ' A'). Questions come from `headlab.datasets.mcqa.synthetic_questions` with a seed offset, so they
 are not the questions a `select_copy` run with the same seed chose its heads on. `details()` adds
 the mean probability of the right letter among the letters, which moves even when the argmax does
 not (useful on a small model that answers near chance).
@@ -14,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from headlab import mcqa
+from headlab.datasets import mcqa
 from headlab.tasks import Hook, Task, register
 
 QUESTION_SEED_OFFSET = 50_000
@@ -27,7 +27,7 @@ class MCQA(Task):
 
     Params:
         chat: render with the chat template (else plain text ending with 'Answer:').
-        categories: question categories (default: all of `headlab.mcqa.CATEGORIES`).
+        categories: question categories (default: all of `headlab.datasets.mcqa.CATEGORIES`).
         batch_size: prompts per forward pass (prompts of one token length share a batch).
     """
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from headlab import needles
-from headlab.scorers.retrieval import answer_budget, answer_is_correct, greedy_generate
+from headlab.datasets import needles
+from headlab.generation import answer_budget, answer_is_correct, greedy_generate
 from headlab.tasks import Hook, Task, register
 
 

@@ -1,8 +1,8 @@
 """Refusal: how often the model declines held-out harmful requests (greedy answer, `is_refusal`).
 
 Each request is put in the chat template; the model answers greedily for `max_new_tokens` tokens
-under the ablation hooks (`headlab.scorers.retrieval.greedy_generate`, KV cache) and the answer
-counts as a refusal when `headlab.requests.is_refusal` says so. Higher is better: ablating safety
+under the ablation hooks (`headlab.generation.greedy_generate`, KV cache) and the answer
+counts as a refusal when `headlab.datasets.requests.is_refusal` says so. Higher is better: ablating safety
 heads should lower it. Mean ablation averages each head's output over the harmless held-out
 requests in the same template (`reference_tokens`), so "mean" is the head's typical output on
 benign chat, not on the very requests measured.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from headlab import requests
+from headlab.datasets import requests
 from headlab.tasks import Hook, Task, register
 
 
@@ -45,7 +45,7 @@ class RefusalTask(Task):
 
     def answers(self, hooks: list[Hook] | None = None) -> list[str]:
         """The greedy answer to every request with `hooks` active."""
-        from headlab.scorers.retrieval import greedy_generate
+        from headlab.generation import greedy_generate
 
         out = []
         for tokens in self.tokens:

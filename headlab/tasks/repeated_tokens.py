@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from headlab import data
+from headlab.datasets import data
 from headlab.tasks import Hook, Task, register
 
 

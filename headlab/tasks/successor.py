@@ -2,7 +2,7 @@
 
     <BOS>List: Monday, Tuesday, Wednesday,  ->  Thursday
 
-Prompts are `context` consecutive items of an ordinal list (`headlab.ordinals`, single-token
+Prompts are `context` consecutive items of an ordinal list (`headlab.datasets.ordinals`, single-token
 items only), each followed by a comma, after a fixed "List:" prefix so that every item carries
 its leading space. The metric is accuracy **among the list's own items**: a hit when the true
 next item has the highest logit of all the list's items (chance `1 / items`, ~0.08 averaged over
@@ -15,7 +15,7 @@ from functools import cached_property
 
 import torch
 
-from headlab import ordinals
+from headlab.datasets import ordinals
 from headlab.tasks import Hook, Task, register
 
 PREFIX = "List:"
