@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import torch
 
@@ -26,7 +25,8 @@ class Task(ABC):
     """One measurable behaviour.
 
     Subclasses set `name`, `metric` (what the number means), `higher_is_better`, and implement
-    `evaluate(hooks)`. `reference_tokens()` is the batch mean ablation averages over.
+    `evaluate(hooks)`. `reference_tokens()` is the batch mean ablation averages over; `details(hooks)`
+    is what the app and the analyses show (the metric as `"value"` plus the task's own breakdown).
     """
 
     name: str = ""
@@ -48,6 +48,13 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
         """The task's metric with `hooks` active."""
+
+    def details(self, hooks: list[Hook] | None = None) -> dict:
+        """The metric with `hooks` active and what a view shows beside it (per-item answers, per-cell accuracy, ...).
+
+        Always holds `"value"`, equal to `evaluate(hooks)`; tasks add their own keys.
+        """
+        return {"value": self.evaluate(hooks)}
 
     @abstractmethod
     def reference_tokens(self) -> torch.Tensor:
