@@ -62,6 +62,33 @@ def _n_full(fraction: float, total: int) -> int:
     return int(round(fraction * total))
 
 
+MASK_SOURCES = ("score", "random", "all_streaming")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How `make_mask` builds a mask: the defaults every view (CLI, app, analyses) starts from.
+
+    `sink` and `recent` are what a streaming head keeps (DuoAttention's defaults, 64 + 256); `full_fraction`
+    the share of KV heads kept full (or `threshold`, a minimum group score); `kind` the score whose top KV
+    heads stay full (`source="score"`); `seed` the draw of `source="random"`.
+    """
+
+    source: str = "score"
+    kind: str = "retrieval"
+    full_fraction: float = 0.5
+    threshold: float | None = None
+    sink: int = 64
+    recent: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in MASK_SOURCES:
+            raise ValueError(f"Mask source must be one of {', '.join(MASK_SOURCES)}; got {self.source!r}.")
+        _n_full(self.full_fraction, 1)
+        _check_window(self.sink, self.recent)
+
+
 @dataclass
 class HeadMask:
     """Which KV heads keep a full cache.
@@ -80,8 +107,8 @@ class HeadMask:
     n_heads: int | None
     n_kv_heads: int
     full: torch.Tensor
-    sink: int = 64
-    recent: int = 256
+    sink: int = MaskConfig.sink
+    recent: int = MaskConfig.recent
     source: dict = field(default_factory=dict)
     scores: torch.Tensor | None = None
 
@@ -103,8 +130,8 @@ class HeadMask:
         scores: HeadScores,
         full_fraction: float | None = None,
         threshold: float | None = None,
-        sink: int = 64,
-        recent: int = 256,
+        sink: int = MaskConfig.sink,
+        recent: int = MaskConfig.recent,
         group: str = "max",
         *,
         n_kv_heads: int | None = None,
@@ -141,7 +168,7 @@ class HeadMask:
         )
 
     @classmethod
-    def random(cls, info, full_fraction: float, seed: int = 0, sink: int = 64, recent: int = 256) -> "HeadMask":
+    def random(cls, info, full_fraction: float, seed: int = 0, sink: int = MaskConfig.sink, recent: int = MaskConfig.recent) -> "HeadMask":
         """`full_fraction` of `info`'s KV heads chosen uniformly at random (seeded) to stay full."""
         total = info.n_layers * info.n_kv_heads
         k = _n_full(full_fraction, total)
@@ -152,13 +179,13 @@ class HeadMask:
                         {"kind": "random", "params": {"seed": int(seed)}, "budget": {"full_fraction": float(full_fraction), "n_full": k}})
 
     @classmethod
-    def all_streaming(cls, info, sink: int = 64, recent: int = 256) -> "HeadMask":
+    def all_streaming(cls, info, sink: int = MaskConfig.sink, recent: int = MaskConfig.recent) -> "HeadMask":
         """Every KV head streams (keeps sink + recent tokens)."""
         return cls._for(info, torch.zeros(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
                         {"kind": "all_streaming", "params": {}, "budget": {"full_fraction": 0.0, "n_full": 0}})
 
     @classmethod
-    def all_full(cls, info, sink: int = 64, recent: int = 256) -> "HeadMask":
+    def all_full(cls, info, sink: int = MaskConfig.sink, recent: int = MaskConfig.recent) -> "HeadMask":
         """Every KV head keeps its whole cache (the plain model)."""
         n = info.n_layers * info.n_kv_heads
         return cls._for(info, torch.ones(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
@@ -310,21 +337,19 @@ class HeadMask:
         )
 
 
-def make_mask(lab, source: str, *, kind: str = "retrieval", full_fraction: float = 0.5, threshold: float | None = None,
-               sink: int = 64, recent: int = 256, seed: int = 0, score_params: dict | None = None) -> HeadMask:
-    """A `HeadMask` for `lab`: from a score (`source="score"`, top `full_fraction` or above `threshold`),
-    `"random"` (seeded, same budget) or `"all_streaming"`."""
+def make_mask(lab, source: str = MaskConfig.source, *, score_params: dict | None = None, **config) -> HeadMask:
+    """A `HeadMask` for `lab` built as `MaskConfig(source, **config)` says: from a score (`source="score"`,
+    top `full_fraction` or above `threshold`), `"random"` (seeded, same budget) or `"all_streaming"`."""
     from headlab.scorers import score
 
-    if source == "random":
-        return HeadMask.random(lab.info, full_fraction, seed=seed, sink=sink, recent=recent)
-    if source == "all_streaming":
-        return HeadMask.all_streaming(lab.info, sink=sink, recent=recent)
-    if source != "score":
-        raise ValueError(f"Mask source must be score, random or all_streaming; got {source!r}.")
-    scores = score(lab, kind, **(score_params or {}))
-    fraction = None if threshold is not None else full_fraction
-    return HeadMask.from_scores(scores, full_fraction=fraction, threshold=threshold, sink=sink, recent=recent, info=lab.info)
+    c = MaskConfig(source=source, **config)
+    if c.source == "random":
+        return HeadMask.random(lab.info, c.full_fraction, seed=c.seed, sink=c.sink, recent=c.recent)
+    if c.source == "all_streaming":
+        return HeadMask.all_streaming(lab.info, sink=c.sink, recent=c.recent)
+    scores = score(lab, c.kind, **(score_params or {}))
+    fraction = None if c.threshold is not None else c.full_fraction
+    return HeadMask.from_scores(scores, full_fraction=fraction, threshold=c.threshold, sink=c.sink, recent=c.recent, info=lab.info)
 
 
 def read_duo_tsv(path: Path) -> torch.Tensor:
