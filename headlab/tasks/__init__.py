@@ -7,6 +7,7 @@ refusal) run `lab.model.generate` inside `lab.model.hooks(...)`; loss tasks run 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 
 import torch
@@ -15,10 +16,6 @@ from headlab.activations import Hook
 from headlab.lab import Lab
 
 _TASKS: dict[str, type["Task"]] = {}
-_MODULES = [
-    "headlab.tasks.repeated_tokens", "headlab.tasks.needle", "headlab.tasks.laundry_list", "headlab.tasks.successor",
-    "headlab.tasks.mcqa", "headlab.tasks.refusal",
-]
 
 
 class Task(ABC):
@@ -67,8 +64,9 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def task_names() -> list[str]:
-    for module in _MODULES:
-        importlib.import_module(module)
+    """Every registered task (each module of this package registers its own on import)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return sorted(_TASKS)
 
 
