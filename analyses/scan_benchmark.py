@@ -24,13 +24,14 @@ import time
 import torch
 
 import headlab as hl
-from headlab.ablation import ablation_hooks
+from headlab.ablation import ScaledQuery, ablation_hooks
+from headlab.heads import all_heads, head_label
 from headlab.scan import ablation_scan, heads_per_pass, last_token_kl, layer_chunks
 from report import write_section  # analyses/report.py
 
 TEXT = ("The committee met on Tuesday to discuss the budget for the new library, and after a long debate "
         "the members agreed to fund the children's reading room before anything else was built. ")
-EPSILON = 1e-3
+METHOD = ScaledQuery()  # the method's own default epsilon
 
 
 def timed(lab, fn) -> tuple[float, torch.Tensor]:
@@ -43,16 +44,12 @@ def timed(lab, fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def all_heads(lab) -> list[tuple[int, int]]:
-    return [(l, h) for l in range(lab.info.n_layers) for h in range(lab.info.n_heads)]
-
-
 @torch.no_grad()
 def plain_loop(lab, tokens: torch.Tensor, measure) -> torch.Tensor:
     """`[n_layers, n_heads]`: one ordinary full forward per head, that head scaled-query ablated."""
     out = torch.full((lab.info.n_layers, lab.info.n_heads), float("nan"))
-    for layer, head in all_heads(lab):
-        hooks = ablation_hooks(lab, [(layer, head)], "scaled_query", None, epsilon=EPSILON)
+    for layer, head in all_heads(lab.info):
+        hooks = ablation_hooks(lab, [(layer, head)], METHOD)
         logits = lab.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)  # [batch, pos, V]
         out[layer, head] = float(measure(logits[None].float())[0])
     return out
@@ -60,9 +57,9 @@ def plain_loop(lab, tokens: torch.Tensor, measure) -> torch.Tensor:
 
 def block_work(lab, tokens: torch.Tensor, chunk: int | None) -> tuple[int, float]:
     """Passes of the default scan and the fraction of the loop's block-rows it runs (prefix sharing)."""
-    chunks = layer_chunks(all_heads(lab), heads_per_pass(lab, tokens, chunk, "last"))
+    chunks = layer_chunks(all_heads(lab.info), heads_per_pass(lab, tokens, chunk, "last"))
     rows = sum(len(part) * (lab.info.n_layers - min(l for l, _ in part)) for part in chunks)
-    return len(chunks), rows / (len(all_heads(lab)) * lab.info.n_layers)
+    return len(chunks), rows / (len(all_heads(lab.info)) * lab.info.n_layers)
 
 
 def run(lab, n_prompts: int, n_tokens: int, chunk: int | None) -> dict:
@@ -71,7 +68,7 @@ def run(lab, n_prompts: int, n_tokens: int, chunk: int | None) -> dict:
     tokens = torch.stack([ids[i * 7 : i * 7 + n_tokens] for i in range(n_prompts)]).to(lab.device)
     with torch.no_grad():
         measure = last_token_kl(lab.model(tokens, return_type="logits"))
-    scan = dict(method="scaled_query", epsilon=EPSILON, chunk=chunk)
+    scan = dict(method=METHOD, chunk=chunk)
     for shared in (True, False):  # warm-up, both paths
         ablation_scan(lab, tokens, measure, heads=[(0, 0), (0, 1)], shared_prefix=shared, **scan)
     loop_s, looped = timed(lab, lambda: plain_loop(lab, tokens, measure))
@@ -79,7 +76,7 @@ def run(lab, n_prompts: int, n_tokens: int, chunk: int | None) -> dict:
     batched_s, batched = timed(lab, lambda: ablation_scan(lab, tokens, measure, **scan))
     passes, work = block_work(lab, tokens, chunk)
     return {"prompts": n_prompts, "tokens": n_tokens, "loop_s": loop_s, "full_s": full_s, "batched_s": batched_s,
-            "full_passes": len(layer_chunks(all_heads(lab), heads_per_pass(lab, tokens, chunk, "all"))),
+            "full_passes": len(layer_chunks(all_heads(lab.info), heads_per_pass(lab, tokens, chunk, "all"))),
             "passes": passes, "work": work, "scores": batched,
             "diff": max(float((looped - batched).abs().max()), float((looped - full).abs().max()))}
 
@@ -100,7 +97,7 @@ def main() -> None:
     flags = "".join(f" {arg}" for arg in sys.argv[1:])
     lines = [
         f"## Batched ablation scan — {lab.info.name} on {device}\n",
-        f"Every head ({n_heads}) ablated on its own (scaled-query, ε = {EPSILON:g}), KL of the next-token distribution "
+        f"Every head ({n_heads}) ablated on its own (scaled-query, ε = {METHOD.epsilon:g}), KL of the next-token distribution "
         "at the last position, on the same inputs: **loop** = one ordinary full forward per head (`headlab.ablation` hooks); "
         "**full passes** = heads stacked along the batch, each pass the whole model (`shared_prefix=False`); "
         "**batched** = `ablation_scan` as it runs: the intact run's residual is reused, so a chunk runs only from its "
@@ -112,7 +109,7 @@ def main() -> None:
           f"{r['loop_s']:.1f} | {r['full_s']:.1f} | {r['batched_s']:.1f} | {r['loop_s'] / r['full_s']:.1f}× / "
           f"**{r['loop_s'] / r['batched_s']:.1f}×** | {r['diff']:.1e} |" for r in runs],
         "\nTop heads by KL (first run): "
-        + ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in hl.HeadScores("scan", lab.info.name, {}, runs[0]["scores"]).top(5)),
+        + ", ".join(f"{head_label(l, h)} {v:.3f}" for l, h, v in hl.HeadScores("scan", lab.info.name, {}, runs[0]["scores"]).top(5)),
         f"\n_Made by `.venv/bin/python analyses/scan_benchmark.py{flags}`._",
     ]
     print("\n".join(lines))

@@ -5,19 +5,20 @@
     s = hl.score(lab, "induction"); s.top(5); s.heatmap()
     hl.ablation_curve(lab, s, task="repeated_tokens", ks=[1, 2, 4, 8])
 """
-from headlab.ablation import AblationCurve, AblationResult, ablate, ablation_curve
+from headlab.ablation import AblationCurve, AblationMethod, AblationResult, ablate, ablation_curve, make_method
 from headlab.circuits import ChannelExperiment, ChannelReport, CompositionMap, channel_experiment, channels, composition_map
 from headlab.lab import Lab, ModelInfo, PromptTooLongError
-from headlab.loading import ModelLoadError, load
-from headlab.masks import HeadMask
+from headlab.loading import ModelLoadError, from_model, load
 from headlab.heads import Head
+from headlab.masks import HeadMask
 from headlab.scorers import kinds, score, stored
+from headlab.scorers.safety import SaharaResult, sahara
 from headlab.scores import HeadScores
 from headlab.tasks import Task, make_task, task_names
 
 __all__ = [
     "AblationCurve", "AblationMethod", "AblationResult", "Head", "ChannelExperiment", "ChannelReport", "CompositionMap", "HeadMask",
-    "HeadScores", "Lab", "ModelInfo", "ModelLoadError", "PromptTooLongError", "Task", "ablate",
-    "ablation_curve", "channel_experiment", "channels", "composition_map", "kinds", "load", "make_method", "make_task",
-    "score", "stored", "task_names",
+    "HeadScores", "Lab", "ModelInfo", "ModelLoadError", "PromptTooLongError", "SaharaResult", "Task", "ablate",
+    "ablation_curve", "channel_experiment", "channels", "composition_map", "from_model", "kinds", "load", "make_method", "make_task",
+    "sahara", "score", "stored", "task_names",
 ]

@@ -1,12 +1,22 @@
-"""The `headlab` command line: batch jobs whose results land in the store (`cached_runs/`)."""
+"""The `headlab` command line: batch jobs whose results land in the store (`cached_runs/`).
+
+Defaults are read, never retyped: a scorer's from its dataclass, an ablation method's flags are
+generated from the registered methods' fields (`headlab.ablation.METHODS`), the curve's from
+`CurveConfig`, a mask's from `MaskConfig`. A flag left out is not passed, so the library's own
+default applies.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Callable
 
 from headlab import store
-from headlab.heads import parse_heads
+from headlab.heads import format_heads, head_label, parse_heads
+
+JSON_HELP = "print JSON"
 
 
 def parse_assignments(pairs: list[str] | None, what: str) -> dict:
@@ -19,11 +29,20 @@ def parse_assignments(pairs: list[str] | None, what: str) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"Write {what} as KEY=VALUE (e.g. lengths=[256,512]); got {pair!r}.")
-        try:
-            params[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.strip()] = value
+        params[key.strip()] = _json_or_text(value)
     return params
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _given(**values) -> dict:
+    """The keyword arguments a user actually gave (flags left out are None): the callee's defaults apply to the rest."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _load(args):
@@ -32,65 +51,149 @@ def _load(args):
     return hl.load(args.model, device=args.device)
 
 
+# --- ablation method flags, generated from the registered methods' fields ---------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _dest(name: str) -> str:
+    return f"method_{name}"
+
+
+def method_flag_fields() -> dict[str, dict[str, object]]:
+    """`{field: {method: default}}` over every registered ablation method, fields in declaration order."""
+    from headlab.ablation import METHODS
+
+    fields: dict[str, dict[str, object]] = {}
+    for method in sorted(METHODS):
+        for field in dataclasses.fields(METHODS[method]):
+            fields.setdefault(field.name, {})[method] = field.default
+    return fields
+
+
+def _read_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(default) -> Callable[[str], object]:
+    """How a flag's text is read: like the field's default (int, float, str, bool), else as JSON."""
+    if isinstance(default, bool):
+        return _read_bool
+    if isinstance(default, (int, float, str)):
+        return type(default)
+    return _json_or_text
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """One flag per distinct field of the registered methods; default None so the method's own default applies."""
+    for name, defaults in method_flag_fields().items():
+        owners = ", ".join(f"{method} (default {default!r})" for method, default in defaults.items())
+        p.add_argument(_flag(name), dest=_dest(name), metavar=name.upper(), default=None,
+                       type=_flag_type(next(iter(defaults.values()))), help=f"ablation method parameter {name!r} of {owners}")
+
+
+def chosen_method_params(args) -> dict:
+    """The method flags given, checked against `args.method`'s fields (a flag of another method is an error)."""
+    from headlab.ablation import method_fields
+
+    takes = method_fields(args.method)
+    given = {name: getattr(args, _dest(name)) for name in method_flag_fields()
+             if getattr(args, _dest(name), None) is not None}
+    foreign = [name for name in given if name not in takes]
+    if foreign:
+        flags = ", ".join(_flag(name) for name in foreign)
+        allowed = ", ".join(_flag(name) for name in takes) or "no parameters"
+        raise ValueError(f"{flags} is not a parameter of ablation method '{args.method}'; it takes {allowed}.")
+    return given
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def score_params(args) -> dict:
+    """`--param` pairs plus `--n` / `--seed` when given, checked against the scorer's fields before any model loads."""
+    from headlab.scorers import scorer_fields
+
+    params = parse_assignments(args.param, "--param")
+    takes = scorer_fields(args.kind)
+    for name, value in _given(n=args.n, seed=args.seed).items():
+        if name not in takes:
+            raise ValueError(f"--{name}: score kind '{args.kind}' takes no parameter '{name}'; "
+                             f"it takes {', '.join(takes)}.")
+        params[name] = value
+    return params
+
+
 def cmd_score(args) -> int:
     import headlab as hl
 
+    params = score_params(args)
     lab = _load(args)
-    params = parse_assignments(args.param, "--param")
-    params.update({k: v for k, v in {"n": args.n, "seed": args.seed}.items() if v is not None})
     scores = hl.score(lab, args.kind, recompute=args.recompute, **params)
     path = scores.save(args.out) if args.out else scores.path()
     top = scores.top(args.top)
     if args.json:
         print(json.dumps({"kind": scores.kind, "model": scores.model, "params": scores.params, "path": str(path),
-                          "top": [{"layer": l, "head": h, "value": v} for l, h, v in top]}))
+                          "top": [{"layer": l, "head": h, "label": head_label(l, h), "value": v} for l, h, v in top]}))
     else:
         print(f"{scores.kind} scores for {scores.model} -> {path}")
         for layer, head, value in top:
-            print(f"  L{layer:>2} H{head:>2}  {value:.3f}")
+            print(f"  {head_label(layer, head):>7}  {value:.3f}")
     return 0
 
 
-def _method_params(args) -> dict:
-    if args.method == "streaming_window":
-        return {"sink": args.sink, "recent": args.recent}
-    return {"epsilon": args.epsilon} if args.method == "scaled_query" else {}
+def _print_frame(frame, as_json: bool) -> None:
+    print(frame.to_json(orient="records") if as_json else frame.to_string(index=False))
+
+
+def _run_curve(lab, args, method_params: dict, task_params: dict, score_params: dict) -> int:
+    import headlab as hl
+
+    scores = hl.score(lab, args.kind, **score_params)
+    curve = hl.ablation_curve(lab, scores, task=args.task, ks=_int_list(args.ks, "--ks"), method=args.method,
+                              n_random=args.n_random, task_params=task_params, method_params=method_params,
+                              recompute=args.recompute, **_given(n=args.n, seed=args.seed))
+    _print_frame(curve.to_frame(), args.json)
+    return 0
 
 
 def cmd_ablate(args) -> int:
     import headlab as hl
 
-    lab = _load(args)
+    method_params = chosen_method_params(args)
     task_params = parse_assignments(args.task_param, "--task-param")
     score_params = parse_assignments(args.param, "--param")
+    lab = _load(args)
     if args.curve:
-        scores = hl.score(lab, args.kind, **score_params)
-        ks = [int(k) for k in args.ks.split(",")]
-        curve = hl.ablation_curve(lab, scores, task=args.task, ks=ks, method=args.method, n_random=args.n_random,
-                                  n=args.n, seed=args.seed, task_params=task_params, method_params=_method_params(args),
-                                  recompute=args.recompute)
-        frame = curve.to_frame()
-        print(frame.to_json(orient="records") if args.json else frame.to_string(index=False))
-        return 0
-    heads = parse_heads(args.heads) if args.heads else hl.score(lab, args.kind, **score_params).top_heads(args.k)
-    result = hl.ablate(lab, heads, task=args.task, method=args.method, n=args.n, seed=args.seed,
-                       task_params=task_params, method_params=_method_params(args))
-    row = {"task": result.task, "metric": result.metric, "method": result.method, "heads": result.heads,
-           "baseline": result.baseline, "ablated": result.ablated, "damage": result.damage}
+        return _run_curve(lab, args, method_params, task_params, score_params)
+    heads = parse_heads(args.heads, lab.info) if args.heads else hl.score(lab, args.kind, **score_params).top_heads(args.k)
+    result = hl.ablate(lab, heads, task=args.task, method=args.method, task_params=task_params,
+                       method_params=method_params, **_given(n=args.n, seed=args.seed))
+    row = {"task": result.task, "metric": result.metric, "method": result.method, "method_params": result.method_params,
+           "heads": result.heads, "baseline": result.baseline, "ablated": result.ablated, "damage": result.damage}
     if args.json:
         print(json.dumps(row))
     else:
-        print(f"{result.task} ({result.metric}), {result.method}-ablating {heads}: "
+        print(f"{result.task} ({result.metric}), {result.method}-ablating {format_heads(heads)}: "
               f"{result.baseline:.4f} intact -> {result.ablated:.4f} ablated")
     return 0
 
 
-def cmd_export_mask(args) -> int:
+def _make_mask(lab, args):
+    """The mask `--source` and the mask flags describe (`MaskConfig`'s fields)."""
     from headlab.masks import make_mask
 
-    lab = _load(args)
-    mask = make_mask(lab, args.source, kind=args.kind, full_fraction=args.full_fraction, threshold=args.threshold,
-                      sink=args.sink, recent=args.recent, seed=args.seed, score_params=parse_assignments(args.param, "--param"))
+    return make_mask(lab, args.source, kind=args.kind, full_fraction=args.full_fraction, threshold=args.threshold,
+                     sink=args.sink, recent=args.recent, seed=args.seed,
+                     score_params=parse_assignments(args.param, "--param"))
+
+
+def cmd_export_mask(args) -> int:
+    mask = _make_mask(_load(args), args)
     paths = {"json": str(mask.save(args.out))}
     if args.duo:
         paths["duo"] = str(mask.save_duo(args.duo))
@@ -108,29 +211,40 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be whole numbers separated by commas, e.g. 512,1024; got {text!r}.") from None
 
 
-def cmd_bench_runtime(args) -> int:
-    from headlab import runtime
-    from headlab.masks import HeadMask, make_mask
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(item) for item in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{what} must be numbers separated by commas, e.g. 0.1,0.5; got {text!r}.") from None
+
+
+def _same_budget_quality(lab, mask, args) -> list[dict]:
+    """Needle accuracy and KL of `mask` vs a random and an all-streaming mask of the same budget."""
+    from headlab.masks import HeadMask
     from headlab.runtime.quality import quality
 
+    same_budget = {
+        "this mask": mask,
+        "random, same budget": HeadMask.random(lab.info, mask.full_fraction, sink=mask.sink, recent=mask.recent),
+        "all streaming": HeadMask.all_streaming(lab.info, sink=mask.sink, recent=mask.recent),
+    }
+    lengths = _int_list(args.lengths, "--lengths")
+    frame = quality(lab, same_budget, lengths=lengths, depths=_float_list(args.depths, "--depths"), n=args.n,
+                    kl_tokens=max(lengths))
+    return frame.to_dict(orient="records")
+
+
+def cmd_bench_runtime(args) -> int:
+    from headlab import runtime
+    from headlab.masks import HeadMask
+
     lab = _load(args)
-    if args.mask:
-        mask = HeadMask.load(args.mask, info=lab.info)
-    else:
-        mask = make_mask(lab, args.source, kind=args.kind, full_fraction=args.full_fraction, sink=args.sink,
-                         recent=args.recent, score_params=parse_assignments(args.param, "--param"))
+    mask = HeadMask.load(args.mask, info=lab.info) if args.mask else _make_mask(lab, args)
     table = runtime.measure(lab, mask, contexts=_int_list(args.contexts, "--contexts"), new_tokens=args.new_tokens,
                             kinds=[kind.strip() for kind in args.caches.split(",") if kind.strip()])
     out = {"mask": repr(mask), "measure": table.to_dict(orient="records")}
     if args.quality:
-        same_budget = {
-            "this mask": mask,
-            "random, same budget": HeadMask.random(lab.info, mask.full_fraction, sink=mask.sink, recent=mask.recent),
-            "all streaming": HeadMask.all_streaming(lab.info, sink=mask.sink, recent=mask.recent),
-        }
-        lengths = _int_list(args.lengths, "--lengths")
-        depths = [float(d) for d in args.depths.replace(",", " ").split()]
-        out["quality"] = quality(lab, same_budget, lengths=lengths, depths=depths, n=args.n, kl_tokens=max(lengths)).to_dict(orient="records")
+        out["quality"] = _same_budget_quality(lab, mask, args)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -161,79 +275,87 @@ def cmd_app(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# --- the parser: one function per subcommand's arguments ---------------------------------------------
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face name or a local folder")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+
+
+def _score_source_args(p: argparse.ArgumentParser, kind: str, kind_help: str) -> None:
     import headlab as hl
-    from headlab.ablation import METHODS
-    from headlab.circuits.cli import add_channels_parser
 
-    parser = argparse.ArgumentParser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
-    sub = parser.add_subparsers(dest="command", required=True)
+    p.add_argument("--kind", default=kind, choices=hl.kinds(), help=f"{kind_help} (default %(default)s)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="parameters of the --kind score (repeatable)")
 
-    def model_args(p):
-        p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face name or a local folder")
-        p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
 
-    p = sub.add_parser("score", help="score every head for one behaviour")
+def score_args(p: argparse.ArgumentParser) -> None:
+    import headlab as hl
+
     p.add_argument("kind", choices=hl.kinds())
     model_args(p)
-    p.add_argument("--n", type=int, default=None, help="number of samples")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: the scorer's)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the scorer's; not every scorer takes one)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="any other scorer parameter, e.g. needle=fact, lengths=[256,512], domain=code (repeatable)")
     p.add_argument("--top", type=int, default=10, help="how many top heads to print")
     p.add_argument("--out", default=None, help="also write the result to this JSON path")
     p.add_argument("--recompute", action="store_true", help="ignore a stored run")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_score)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    p = sub.add_parser("ablate", help="ablate heads and measure a task (or a top-k vs random-k curve)")
+
+def ablate_args(p: argparse.ArgumentParser) -> None:
+    import headlab as hl
+    from headlab.ablation import METHODS, CurveConfig
+
+    curve = CurveConfig()
     model_args(p)
-    p.add_argument("--heads", default=None, help="heads as LAYER.HEAD, e.g. '18.6,17.3' (default: top-k of --kind)")
-    p.add_argument("--kind", default="induction", choices=hl.kinds(), help="score kind for top-k")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="parameters of the --kind score (repeatable)")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--task", default="repeated_tokens", choices=hl.task_names())
-    p.add_argument("--method", default="mean", choices=sorted(METHODS))
-    p.add_argument("--sink", type=int, default=4, help="streaming_window: first tokens every query keeps")
-    p.add_argument("--recent", type=int, default=64, help="streaming_window: last tokens every query keeps")
-    p.add_argument("--epsilon", type=float, default=1e-3, help="scaled_query: the factor the heads' queries are scaled by")
-    p.add_argument("--n", type=int, default=None, help="task samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", default=None, help="heads, e.g. 'L18H6,L17H3' or '18.6,17.3' (default: top-k of --kind)")
+    _score_source_args(p, "induction", "score kind for top-k")
+    p.add_argument("--k", type=int, default=4, help="how many top heads of --kind to ablate (default %(default)s)")
+    p.add_argument("--task", default=curve.task, choices=hl.task_names(), help="default %(default)s")
+    p.add_argument("--method", default=curve.method, choices=sorted(METHODS), help="default %(default)s")
+    _add_method_args(p)
+    p.add_argument("--n", type=int, default=None, help=f"task samples (default: the task's own; --curve: {curve.n})")
+    p.add_argument("--seed", type=int, default=None, help="task (and random sets') seed (default: the library's)")
     p.add_argument("--task-param", action="append", metavar="KEY=VALUE",
                    help="task parameters, e.g. lengths=[256] haystack=prose (repeatable)")
     p.add_argument("--curve", action="store_true", help="top-k of --kind vs random-k for each of --ks")
-    p.add_argument("--ks", default="1,2,4,8")
-    p.add_argument("--n-random", type=int, default=5)
-    p.add_argument("--recompute", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ablate)
+    p.add_argument("--ks", default=",".join(map(str, curve.ks)), help="--curve: the ks (default %(default)s)")
+    p.add_argument("--n-random", type=int, default=curve.n_random, help="--curve: random sets per k (default %(default)s)")
+    p.add_argument("--recompute", action="store_true", help="--curve: ignore a stored run")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    add_channels_parser(sub, model_args)
 
-    p = sub.add_parser("export-mask", help="a head mask (full-KV vs streaming KV heads) as JSON and/or a DuoAttention folder")
+def mask_args(p: argparse.ArgumentParser) -> None:
+    """`MaskConfig`'s fields as flags, defaults read from it."""
+    from headlab.masks import MASK_SOURCES, MaskConfig
+
+    config = MaskConfig()
+    p.add_argument("--source", default=config.source, choices=MASK_SOURCES, help="default %(default)s")
+    _score_source_args(p, config.kind, "score kind whose top KV heads stay full")
+    p.add_argument("--full-fraction", type=float, default=config.full_fraction,
+                   help="share of KV heads that keep the full cache (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=config.threshold,
+                   help="instead: KV heads whose group score is above this stay full")
+    p.add_argument("--sink", type=int, default=config.sink, help="first tokens a streaming head keeps (default %(default)s)")
+    p.add_argument("--recent", type=int, default=config.recent,
+                   help="last tokens a streaming head keeps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=config.seed, help="--source random: the seed (default %(default)s)")
+
+
+def export_mask_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
-    p.add_argument("--source", default="score", choices=["score", "random", "all_streaming"])
-    p.add_argument("--kind", default="retrieval", choices=hl.kinds(), help="score kind whose top KV heads stay full")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="parameters of the --kind score (repeatable)")
-    p.add_argument("--full-fraction", type=float, default=0.5, help="share of KV heads that keep the full cache")
-    p.add_argument("--threshold", type=float, default=None, help="instead: KV heads whose group score is above this stay full")
-    p.add_argument("--sink", type=int, default=64, help="first tokens a streaming head keeps")
-    p.add_argument("--recent", type=int, default=256, help="last tokens a streaming head keeps")
-    p.add_argument("--seed", type=int, default=0, help="--source random: the seed")
+    mask_args(p)
     p.add_argument("--out", required=True, help="headlab.head_mask/v1 JSON path")
     p.add_argument("--duo", default=None, help="also write the DuoAttention folder (full_attention_heads.tsv + config.json)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_export_mask)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    p = sub.add_parser("bench-runtime", help="KV memory, speed and quality of a head mask in the compressed-KV runtime")
+
+def bench_runtime_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     p.add_argument("--mask", default=None, help="a head-mask JSON file or DuoAttention folder (default: build one)")
-    p.add_argument("--source", default="score", choices=["score", "random", "all_streaming"])
-    p.add_argument("--kind", default="retrieval", choices=hl.kinds())
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="parameters of the --kind score (repeatable)")
-    p.add_argument("--full-fraction", type=float, default=0.5)
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--recent", type=int, default=256)
+    mask_args(p)
     p.add_argument("--contexts", default="512,1024", help="context lengths to measure, e.g. 8192,32768")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per context")
     p.add_argument("--caches", default="hf_full,compressed",
@@ -243,18 +365,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="1024", help="--quality: needle context lengths")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="--quality: needle depths")
     p.add_argument("--n", type=int, default=1, help="--quality: needles per (length, depth)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench_runtime)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    p = sub.add_parser("runs", help="list stored runs")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("app", help="launch the web app")
+def runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     model_args(p)
-    p.set_defaults(func=cmd_app)
+
+
+COMMANDS = [  # (name, help, arguments, command); `channels` is added by headlab.circuits.cli after ablate
+    ("score", "score every head for one behaviour", score_args, cmd_score),
+    ("ablate", "ablate heads and measure a task (or a top-k vs random-k curve)", ablate_args, cmd_ablate),
+    ("export-mask", "a head mask (full-KV vs streaming KV heads) as JSON and/or a DuoAttention folder",
+     export_mask_args, cmd_export_mask),
+    ("bench-runtime", "KV memory, speed and quality of a head mask in the compressed-KV runtime",
+     bench_runtime_args, cmd_bench_runtime),
+    ("runs", "list stored runs", runs_args, cmd_runs),
+    ("app", "launch the web app", app_args, cmd_app),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `headlab` parser, built from the registries as they are now (scorers, tasks, ablation methods)."""
+    from headlab.circuits.cli import add_channels_parser
+
+    parser = argparse.ArgumentParser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_args, command in COMMANDS:
+        command_parser = sub.add_parser(name, help=help_text)
+        add_args(command_parser)
+        command_parser.set_defaults(func=command)
+        if name == "ablate":
+            add_channels_parser(sub, model_args)
     return parser
 
 

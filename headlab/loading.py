@@ -228,3 +228,15 @@ def _boot(adapter_name: str, display_name: str, hf_model, tokenizer, device: str
         architecture=type(hf_model).__name__,
     )
     return Lab(model=bridge, tokenizer=tokenizer, info=info, device=str(device), dtype=dtype)
+
+
+def from_model(hf_model, tokenizer, name: str) -> Lab:
+    """A `Lab` on a transformers model already in memory (one you built, edited or fine-tuned), on its own device and dtype.
+
+    `name` keys its stored results (`cached_runs/<slug of name>/`): give each different model its own name, or two
+    models would read each other's runs.
+    """
+    if not (name or "").strip():
+        raise ValueError("Name the model: its stored results are kept under that name.")
+    param = next(hf_model.parameters())
+    return _boot(name, name, hf_model.eval(), tokenizer, str(param.device), param.dtype)

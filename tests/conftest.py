@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model is loaded once per test session; results go to a temp store."""
+"""Shared fixtures: the embedded model and a tiny random Llama are loaded once per test session; results go to a temp store."""
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +6,16 @@ import os
 import socket
 
 import pytest
+import torch
 
 import headlab as hl
+
+# The tiny random Llama the contract tests run every scorer and ablation method on: grouped-query attention
+# (4 query heads share 2 KV heads) like the real models, weights drawn wide enough (initializer_range 0.1)
+# that attention is peaked and every head's ablation moves the logits well above float32 noise.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, initializer_range=0.1)
+TINY_LLAMA_NAME = "tiny-random-llama"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +33,22 @@ def runs_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lab() -> hl.Lab:
     return hl.load("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_lab() -> hl.Lab:
+    """A random 2-layer Llama (d_model 64, float32, CPU, seed 0) with the embedded model's tokenizer and vocabulary,
+    booted into a `Lab` by `hl.from_model`, the way `hl.load` boots every model: prompts and chat templates work, and it builds in seconds."""
+    from transformers import AutoTokenizer
+
+    from headlab.loading import ensure_embedded_folder
+    from headlab.runtime.benchmark import llama_8b_config, random_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_folder(), local_files_only=True)
+    config = llama_8b_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, attn_implementation="eager", **TINY_LLAMA)
+    model = random_llama(config, device="cpu", dtype=torch.float32, seed=0)
+    return hl.from_model(model, tokenizer, TINY_LLAMA_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The headlab CLI: score into the store, list runs, ablate, and fail plainly on bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,7 +9,10 @@ import sys
 
 import pytest
 
+from headlab import cli
+from headlab.ablation import METHODS, AblationMethod, CurveConfig, method_fields
 from headlab.heads import parse_heads
+from headlab.masks import MaskConfig
 
 
 def _cli(*args, runs_dir):
@@ -27,7 +31,7 @@ def test_score_runs_and_ablate(tmp_path, lab):
     runs = _cli("runs", "--json", runs_dir=tmp_path)
     assert [r["kind"] for r in json.loads(runs.stdout)] == ["induction"]
 
-    heads = ",".join(f"{t['layer']}.{t['head']}" for t in result["top"][:4])
+    heads = ",".join(t["label"] for t in result["top"][:4])
     ablated = _cli("ablate", "--heads", heads, "--n", "2", "--json", runs_dir=tmp_path)
     assert ablated.returncode == 0, ablated.stderr
     row = json.loads(ablated.stdout)
@@ -90,6 +94,84 @@ def test_bench_runtime_measures_the_mask_against_the_full_cache(tmp_path, lab):
     assert bad.returncode == 2 and "--contexts must be whole numbers" in bad.stderr
     bad = _cli("bench-runtime", "--contexts", "48", "--source", "all_streaming", "--caches", "paged", runs_dir=tmp_path)
     assert bad.returncode == 2 and "kind must be one of" in bad.stderr
+
+
+def _ablate_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["ablate", "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_defaults_are_read_from_the_contracts(capsys):
+    parser = cli.build_parser()
+    ablate, curve = vars(parser.parse_args(["ablate"])), CurveConfig()
+    assert (ablate["task"], ablate["method"], ablate["n_random"]) == (curve.task, curve.method, curve.n_random)
+    assert [int(k) for k in ablate["ks"].split(",")] == list(curve.ks)
+    assert ablate["n"] is None and ablate["seed"] is None  # the task's / curve's own defaults apply
+    for command in (["export-mask", "--out", "mask.json"], ["bench-runtime"]):
+        mask = vars(parser.parse_args(command))
+        assert {k: mask[k] for k in ("source", "kind", "full_fraction", "sink", "recent")} == {
+            k: getattr(MaskConfig(), k) for k in ("source", "kind", "full_fraction", "sink", "recent")}
+    help_text = _ablate_help(capsys)
+    assert f"streaming_window (default {method_fields('streaming_window')['sink']})" in help_text
+    assert f"scaled_query (default {method_fields('scaled_query')['epsilon']})" in help_text
+
+
+def test_method_flags_go_to_the_chosen_method_only(tmp_path, capsys):
+    chosen = _cli("ablate", "--heads", "L16H0", "--n", "2", "--method", "streaming_window", "--recent", "3", "--json",
+                  runs_dir=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["method_params"] == {"sink": method_fields("streaming_window")["sink"], "recent": 3}
+    assert cli.main(["ablate", "--method", "streaming_window", "--epsilon", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--epsilon is not a parameter of ablation method 'streaming_window'" in err
+    assert "--sink, --recent" in err
+    assert cli.main(["ablate", "--method", "zero", "--sink", "2"]) == 2
+    assert "it takes no parameters" in capsys.readouterr().err
+
+
+def test_score_passes_n_and_seed_only_to_scorers_that_take_them(capsys):
+    assert cli.main(["score", "successor", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'successor' takes no parameter 'seed'" in err and "embedding" in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture()
+def damped_method(monkeypatch):
+    """A throwaway method, registered by subclassing as a real one is; taken out of METHODS afterwards."""
+    monkeypatch.setitem(METHODS, "damped", None)  # so that the undo deletes the key the subclass fills
+
+    @dataclasses.dataclass(frozen=True)
+    class Damped(AblationMethod):
+        """The heads' outputs (`hook_z` `[batch, pos, head, d_head]`) multiplied by `factor`."""
+
+        name, point, head_axis = "damped", "z", 2
+        factor: float = 0.5
+
+        def edit(self, act, heads, state):
+            act[:, :, heads] = act[:, :, heads] * self.factor
+
+    assert METHODS["damped"] is Damped
+    return Damped
+
+
+def test_a_new_method_class_gets_its_flags_without_a_cli_edit(damped_method, lab, capsys):
+    import headlab as hl
+
+    help_text = _ablate_help(capsys)
+    assert "--factor FACTOR" in help_text and "damped (default 0.5)" in help_text
+    heads = [(16, 0), (18, 6)]
+    args = ["ablate", "--heads", "L16H0,L18H6", "--n", "2", "--method", "damped", "--device", "cpu", "--json"]
+    assert cli.main([*args, "--factor", "0"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["method"], row["method_params"]) == ("damped", {"factor": 0.0})
+    zero = hl.ablate(lab, heads, method="zero", n=2)
+    assert row["ablated"] == pytest.approx(zero.ablated, rel=1e-4) and row["ablated"] != pytest.approx(row["baseline"])
+    assert cli.main(args) == 0  # no --factor: the class's own default, 0.5
+    assert json.loads(capsys.readouterr().out)["method_params"] == {"factor": 0.5}
+    assert cli.main(["ablate", "--method", "mean", "--factor", "0"]) == 2
+    assert "--factor is not a parameter of ablation method 'mean'" in capsys.readouterr().err
 
 
 def test_parse_heads():
