@@ -10,38 +10,27 @@ analyses/README.md.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import headlab as hl
-from app.channels_tab import DEFAULT_TASK_N
 from headlab.ablation import ablation_hooks
 from headlab.circuits import channel_hooks
+from headlab.circuits.intervention import DEFAULTS
+from headlab.heads import format_heads, head_label
 from headlab.tasks import make_task
-from report import write_section  # analyses/report.py
+from report import Report, recompute_args  # analyses/report.py
 
 SENDER = (16, 0)  # the embedded model's strongest previous-token head (foundation's scores)
 N_RECEIVERS = 5
-TASK_N = DEFAULT_TASK_N  # repeated-token sequences: the Channels tab's default, so the tab reads this run
 LAUNDRY_N = 64
 LAUNDRY_ITEMS = (2, 3, 4, 5)
 
 
-def heads_text(heads) -> str:
-    return " ".join(f"L{l}H{h}" for l, h in heads)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     lab = hl.load("embedded")
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
+    emit = Report("channels")
 
     emit(f"## SVD channels — {lab.info.name}\n")
     emit("### Composition of every earlier head into every later head (ln1 folded in, un-rotated W_Q/W_K)\n")
@@ -50,22 +39,21 @@ def main() -> None:
     for kind in ("q", "k", "v"):
         cmap = hl.composition_map(lab, kind, recompute=args.recompute)
         base = cmap.baseline
-        top = ", ".join(f"L{s[0]}H{s[1]}→L{r[0]}H{r[1]} {v:.3f} ({cmap.z_score(v):.0f}σ)" for s, r, v in cmap.top(5))
+        top = ", ".join(f"{head_label(*s)}→{head_label(*r)} {v:.3f} ({cmap.z_score(v):.0f}σ)" for s, r, v in cmap.top(5))
         emit(f"| {kind.upper()} | {base['mean']:.4f} ± {base['std']:.4f} ({base['q99']:.4f}) | "
              f"{100 * cmap.fraction_above():.1f}% | {top} |")
 
     receivers = hl.score(lab, "induction").top_heads(N_RECEIVERS)
     report = hl.channels(lab, SENDER, receivers, "k")
-    emit(f"\n### The channel: L16H0 → top-{N_RECEIVERS} induction heads ({heads_text(receivers)}), K-composition\n")
+    emit(f"\n### The channel: {head_label(*SENDER)} → top-{N_RECEIVERS} induction heads ({format_heads(receivers)}), K-composition\n")
     emit(report.summary() + "\n")
     emit("| direction | singular value | composition | share | cumulative |")
     emit("|---|---|---|---|---|")
     for row in report.to_frame().head(8).itertuples():
         emit(f"| {row.direction} | {row.singular_value:.3f} | {row.composition:.3f} | {row.share:.3f} | {row.cumulative_share:.3f} |")
 
-    task = make_task("repeated_tokens", lab, n=TASK_N)
-    exp = hl.channel_experiment(lab, report, task, recompute=args.recompute)
-    emit(f"\n### Removing the channel from L16H0's output, repeated-token task (n={TASK_N}; {exp.metric})\n")
+    exp = hl.channel_experiment(lab, report, recompute=args.recompute)  # the Channels tab's defaults, so the tab reads this run
+    emit(f"\n### Removing the channel from {head_label(*SENDER)}'s output, {DEFAULTS.task} task (n={DEFAULTS.n}; {exp.metric})\n")
     emit(exp.summary() + "\n")
     emit("| rank | share of composition | channel removed | random subspaces (mean, worst) | top-variance removed | "
          "output variance removed: channel / random / top-variance |")
@@ -76,12 +64,12 @@ def main() -> None:
         emit(f"| {rank} | {exp.shares[i]:.2f} | {exp.channel[i]:.3f} | {sum(rand) / len(rand):.3f}, {worst:.3f} | "
              f"{exp.top_variance[i]:.3f} | {exp.energy_channel[i]:.2f} / "
              f"{sum(exp.energy_random[i]) / len(exp.energy_random[i]):.2f} / {exp.energy_top_variance[i]:.2f} |")
-    emit(f"\nintact {exp.baseline:.3f}; whole L16H0 mean-ablated {exp.head_removed:.3f}; "
+    emit(f"\nintact {exp.baseline:.3f}; whole {head_label(*SENDER)} mean-ablated {exp.head_removed:.3f}; "
          + ", ".join(f"channel (rank {exp.scale_rank}) ×{s:g} → {v:.3f}" for s, v in zip(exp.scales, exp.scaled)))
 
     emit(f"\n### Laundry-list recall (n={LAUNDRY_N} prompts per length; accuracy among the list's items)\n")
     channel = report.channel(0.9)
-    emit(f"| items | chance | intact | channel (rank {channel.shape[1]}) removed | channel ×2 | L16H0 ablated | "
+    emit(f"| items | chance | intact | channel (rank {channel.shape[1]}) removed | channel ×2 | {head_label(*SENDER)} ablated | "
          f"top-{N_RECEIVERS} induction heads ablated |")
     emit("|---|---|---|---|---|---|---|")
     for n_items in LAUNDRY_ITEMS:
@@ -96,7 +84,7 @@ def main() -> None:
         emit(f"| {n_items} | {1 / n_items:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
     emit("\n_Made by `.venv/bin/python analyses/channels.py`._")
-    write_section("channels", "\n".join(lines))
+    emit.write()
 
 
 if __name__ == "__main__":

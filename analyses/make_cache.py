@@ -2,8 +2,9 @@
 
     make cache        # or: .venv/bin/python analyses/make_cache.py [--recompute]
 
-Every score kind with its default parameters, and the top-k vs random-k ablation curve of the
-induction score on the repeated-token task (the Ablate tab's default view).
+Every score kind with its default parameters, the top-k vs random-k ablation curve of the
+induction score with the curve defaults (`CurveConfig()`: the Ablate tab's first view), and the
+retrieval curve of the default retrieval run (`RETRIEVAL_CURVE`: the Retrieval tab's).
 """
 from __future__ import annotations
 
@@ -11,17 +12,10 @@ import argparse
 import time
 
 import headlab as hl
-from app import ablate_tab, atlas_tab
+from headlab.heads import head_label
+from headlab.scorers.retrieval import retrieval_curve
 
-# Exactly what the Ablate tab asks for first, so its first curve is read from the store.
-CURVE = {
-    "kind": atlas_tab.DEFAULT_KIND,
-    "task": ablate_tab.DEFAULT_TASK,
-    "ks": [int(k) for k in ablate_tab.DEFAULT_KS.split(",")],
-    "n_random": ablate_tab.DEFAULT_N_RANDOM,
-    "n": ablate_tab.DEFAULT_TASK_N,
-    "method": ablate_tab.DEFAULT_METHOD,
-}
+CURVE_KIND = "induction"  # the score kind the app opens on
 
 
 def main() -> None:
@@ -32,13 +26,16 @@ def main() -> None:
     for kind in hl.kinds():
         started = time.perf_counter()
         scores = hl.score(lab, kind, recompute=args.recompute)
-        top = ", ".join(f"L{l}H{h}={v:.2f}" for l, h, v in scores.top(5))
+        top = ", ".join(f"{head_label(l, h)}={v:.2f}" for l, h, v in scores.top(5))
         print(f"{kind:<16} {time.perf_counter() - started:6.1f}s  top: {top}")
-    started = time.perf_counter()
-    curve = hl.ablation_curve(lab, hl.score(lab, CURVE["kind"]), CURVE["task"], CURVE["ks"], method=CURVE["method"],
-                              n_random=CURVE["n_random"], n=CURVE["n"], recompute=args.recompute)
-    print(f"ablation curve   {time.perf_counter() - started:6.1f}s")
-    print(curve.to_frame().to_string(index=False))
+    for name, make_curve in [
+        ("ablation curve", lambda: hl.ablation_curve(lab, hl.score(lab, CURVE_KIND), recompute=args.recompute)),
+        ("retrieval curve", lambda: retrieval_curve(lab, hl.score(lab, "retrieval"), recompute=args.recompute)),
+    ]:
+        started = time.perf_counter()
+        curve = make_curve()
+        print(f"{name:<16} {time.perf_counter() - started:6.1f}s")
+        print(curve.to_frame().to_string(index=False))
 
 
 if __name__ == "__main__":

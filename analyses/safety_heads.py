@@ -10,38 +10,37 @@ A full Ships scan is 270 ablated passes per request: minutes on a GPU, an hour o
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 
 import torch
 
 import headlab as hl
-import headlab.scorers.safety  # noqa: F401  (registers "safety")
-import headlab.tasks.refusal  # noqa: F401  (registers "refusal")
-from headlab import store
-from headlab.ablation import ablation_hooks
+from headlab.ablation.curve import CurveConfig
+from headlab.heads import format_heads, head_label
 from headlab.loading import REFUSAL_ADAPTER_DIR
-from headlab.scorers.safety import SaharaResult, sahara
-from report import write_section  # analyses/report.py
+from headlab.tasks.refusal import RefusalTask
+from headlab.scorers import scorer_fields
+from headlab.scorers.safety import CHECK, Sahara, answers_side_by_side, method_label, sahara, ships_ablation
+from report import Report, recompute_args  # analyses/report.py
+
+SHIPS, SAHARA = scorer_fields("safety"), Sahara()
+REFUSAL_TOKENS = inspect.signature(RefusalTask.__init__).parameters["max_new_tokens"].default
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8, help="harmful (training) requests Ships averages over")
-    parser.add_argument("--k", type=int, default=4, help="top-k / random-k / Sahara group size")
-    parser.add_argument("--n-random", type=int, default=5)
-    parser.add_argument("--task-n", type=int, default=12, help="held-out harmful requests the refusal rate is measured on")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--sahara-pool", type=int, default=27)
-    parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--n", type=int, default=SHIPS["n"], help="harmful (training) requests Ships averages over")
+    parser.add_argument("--k", type=int, default=SAHARA.k, help="top-k / random-k / Sahara group size")
+    parser.add_argument("--n-random", type=int, default=CurveConfig().n_random)
+    parser.add_argument("--task-n", type=int, default=CHECK.n, help="held-out harmful requests the refusal rate is measured on")
+    parser.add_argument("--max-new-tokens", type=int, default=REFUSAL_TOKENS)
+    parser.add_argument("--sahara-pool", type=int, default=SAHARA.pool)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = recompute_args(__doc__, parser)
     started = time.perf_counter()
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
+    emit = Report("safety_heads")
 
     training = json.loads((REFUSAL_ADAPTER_DIR / "training.json").read_text())
     lab = hl.load("embedded-refusal", device=args.device)
@@ -61,72 +60,59 @@ def main() -> None:
 
     t0 = time.perf_counter()
     scores = hl.score(lab, "safety", n=args.n, recompute=args.recompute)
-    emit(f"### Ships (scaled-query ablation, ε = 1e-3), {scores.meta['n_requests']} harmful training requests\n")
+    method = ships_ablation(scores)
+    emit(f"### Ships ({method_label(method.name)}), {scores.meta['n_requests']} harmful training requests\n")
     emit(f"Intact first answer tokens: {', '.join(repr(t) for t in scores.meta['intact_first_tokens'])}. "
          f"Median head {float(scores.values.median()):.4f}, mean {float(scores.values.mean()):.4f} nats "
          f"({scores.meta.get('seconds', round(time.perf_counter() - t0, 1))} s).\n")
     emit("| rank | head | Ships (KL, nats) |")
     emit("|---|---|---|")
     for rank, (layer, head, value) in enumerate(scores.top(10), 1):
-        emit(f"| {rank} | L{layer}H{head} | {value:.4f} |")
+        emit(f"| {rank} | {head_label(layer, head)} | {value:.4f} |")
 
     task_params = {"max_new_tokens": args.max_new_tokens}
     ks = sorted({1, 2, args.k})
-    curve = hl.ablation_curve(lab, scores, task="refusal", ks=ks, method="scaled_query", n_random=args.n_random,
-                              n=args.task_n, task_params=task_params, method_params={"epsilon": 1e-3},
+    curve = hl.ablation_curve(lab, scores, task=CHECK.task, ks=ks, method=method.name, n_random=args.n_random,
+                              n=args.task_n, task_params=task_params, method_params=method.params(),
                               recompute=args.recompute)
     emit(f"\n### Refusal rate with heads ablated ({curve.task['n']} held-out harmful requests, greedy "
-         f"{args.max_new_tokens} tokens, scaled-query ε = 1e-3)\n")
+         f"{args.max_new_tokens} tokens, {method_label(method.name)})\n")
     emit("| heads ablated | top-k Ships heads | refusal | random-k (each set) | random-k mean |")
     emit("|---|---|---|---|---|")
     emit(f"| 0 | — | {curve.baseline:.2f} | — | — |")
     for k, top, heads, rand in zip(curve.ks, curve.top, curve.top_heads, curve.random):
-        emit(f"| {k} | {', '.join(f'L{l}H{h}' for l, h in heads)} | {top:.2f} | {', '.join(f'{v:.2f}' for v in rand)} | "
+        emit(f"| {k} | {format_heads(heads)} | {top:.2f} | {', '.join(f'{v:.2f}' for v in rand)} | "
              f"{sum(rand) / len(rand):.2f} |")
 
     top2, rand2 = curve.top[curve.ks.index(2)], curve.random_mean[curve.ks.index(2)]
     emit(f"\nAblating the top-2 Ships heads takes the refusal rate from {curve.baseline:.2f} to **{top2:.2f}**; random 2-head "
          f"sets (drawn outside the top 2) leave it at {rand2:.2f} on average.")
-    task = hl.make_task("refusal", lab, n=args.task_n, **task_params)
+    task = hl.make_task(CHECK.task, lab, n=args.task_n, **task_params)
     shown = task.prompts[:3]
-    examples = hl.make_task("refusal", lab, n=len(shown), prompts=shown, **task_params)
-    intact = examples.answers()
-    top1 = examples.answers(ablation_hooks(lab, scores.top_heads(1), "scaled_query", examples, epsilon=1e-3))
-    broken = examples.answers(ablation_hooks(lab, scores.top_heads(2), "scaled_query", examples, epsilon=1e-3))
+    heads = {"intact": [], "top-1 ablated": scores.top_heads(1), "top-2 ablated": scores.top_heads(2)}
+    examples = answers_side_by_side(lab, shown, heads, method, args.max_new_tokens)
     emit("\nRead the answers before the rates: `is_refusal` only says the answer no longer starts with a refusal, "
          "not that the model now complies — it may simply have stopped producing language.\n")
     emit("| held-out request | intact | top-1 ablated | top-2 ablated |")
     emit("|---|---|---|---|")
-    for prompt, x, y, z in zip(shown, intact, top1, broken):
+    for prompt, x, y, z in examples.itertuples(index=False):
         emit(f"| {prompt} | {x!r} | {y!r} | {z!r} |".replace("\\n", " ").replace("\\x0b", " "))
 
-    sahara_params = {"k": args.k, "pool": args.sahara_pool, "n": args.n}
-    sahara_path = store.run_path(lab.info.slug, "sahara", sahara_params)
-    if sahara_path.exists() and not args.recompute:
-        record = store.read_record(sahara_path, "headlab.sahara/v1", "Sahara")
-        result = {**record["result"], "heads": [tuple(h) for h in record["result"]["heads"]],
-                  "candidates": [tuple(h) for h in record["result"]["candidates"]]}
-        group, ablated = SaharaResult(**result), record["refusal"]["ablated"]
-        sahara_seconds = record.get("seconds", float("nan"))
-    else:
-        t0 = time.perf_counter()
-        group = sahara(lab, k=args.k, scores=scores, pool=args.sahara_pool, n=args.n, objective="kl")
-        sahara_seconds = time.perf_counter() - t0
-        ablated = task.evaluate(ablation_hooks(lab, group.heads, "scaled_query", task, epsilon=1e-3))
-        store.write_json(sahara_path, {"format": "headlab.sahara/v1", "record": "sahara", "kind": "sahara",
-                                       "params": sahara_params, "result": group.to_dict(), "seconds": round(sahara_seconds, 1),
-                                       "refusal": {"intact": curve.baseline, "ablated": ablated}})
-    emit(f"\n### Sahara (greedy, KL objective, candidates = top {args.sahara_pool} Ships heads, {group.n_requests} requests, "
-         f"{sahara_seconds:.0f} s)\n")
+    t0 = time.perf_counter()
+    group = sahara(lab, k=args.k, pool=args.sahara_pool, n=args.n, scores=scores, recompute=args.recompute)
+    sahara_seconds = time.perf_counter() - t0
+    ablated = hl.ablate(lab, group.heads, task, method=method).ablated
+    emit(f"\n### Sahara (greedy, {group.objective} objective, candidates = top {args.sahara_pool} Ships heads, "
+         f"{group.n_requests} requests; {sahara_seconds:.0f} s in this run, 0 when read from cached_runs/)\n")
     emit("| step | added | joint KL |")
     emit("|---|---|---|")
     for step, (head, value) in enumerate(zip(group.heads, group.curve), 1):
-        emit(f"| {step} | L{head[0]}H{head[1]} | {value:.4f} |")
+        emit(f"| {step} | {head_label(*head)} | {value:.4f} |")
     emit(f"\nRefusal rate with the Sahara group ablated: {curve.baseline:.2f} intact -> **{ablated:.2f}**.")
     where = torch.cuda.get_device_name() if lab.device.startswith("cuda") else "CPU"
     emit(f"\n_This run: {time.perf_counter() - started:.0f} s on {where} (float32); stored Ships / curve / Sahara runs are read "
          "from cached_runs/ (they were computed on an NVIDIA H100: a full Ships scan is 270 ablated passes per request)._")
-    write_section("safety_heads", "\n".join(lines))
+    emit.write()
 
 
 if __name__ == "__main__":

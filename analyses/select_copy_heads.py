@@ -10,22 +10,21 @@ validation and test; and mean-ablates the top-k heads vs random k-head sets on f
 """
 from __future__ import annotations
 
-import argparse
-import random
 
 import torch
 
 import headlab as hl
 import headlab.scorers.select_copy  # noqa: F401  registers "select_copy"
 import headlab.tasks.mcqa  # noqa: F401  registers "mcqa"
-from app.select_copy_tab import selection_scores
 from headlab.ablation import ablation_hooks
-from headlab.scorers.select_copy import VARIANT_TEXT, VARIANTS
+from headlab.ablation.curve import random_sets
+from headlab.heads import all_heads, format_heads, head_label
+from headlab.scorers.select_copy import CHECK, VARIANT_TEXT, VARIANTS, selection_scores
 from headlab.tasks import make_task
-from report import write_section  # analyses/report.py
+from report import Report, recompute_args  # analyses/report.py
 
 N = {True: 64, False: 64}  # questions per format (32 validation / 32 test)
-TASK_N, K, N_RANDOM = 16, 3, 3
+TASK_N, K, N_RANDOM = CHECK.n, CHECK.ks[0], CHECK.n_random  # the tab's ablation check
 
 
 def chance_max(n_heads: int, n_questions: int, p: float = 0.25) -> float:
@@ -36,20 +35,10 @@ def chance_max(n_heads: int, n_questions: int, p: float = 0.25) -> float:
     return hits / n_questions
 
 
-def heads_text(heads) -> str:
-    return ", ".join(f"L{l}H{h}" for l, h in heads)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     lab = hl.load("embedded")
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
+    emit = Report("select_copy_heads")
 
     emit(f"## Select-and-copy heads — {lab.info.name}\n")
     runs = {}
@@ -69,12 +58,12 @@ def main() -> None:
     for chat, s in runs.items():
         for variant in VARIANTS:
             b = s.meta["best"][variant]
-            emit(f"| {'chat' if chat else 'plain'} | {VARIANT_TEXT[variant]} | L{b['layer']}H{b['head']} | "
+            emit(f"| {'chat' if chat else 'plain'} | {VARIANT_TEXT[variant]} | {head_label(b['layer'], b['head'])} | "
                  f"{b['val']:.2f} / **{b['test']:.2f}** | {b['best_test_any_head']:.2f} |")
     for chat, run in runs.items():
         b, logits = run.meta["best"]["qk_label"], run.meta["logits_accuracy"]["test"]
         verdict = "beats" if b["test"] > logits else ("ties with" if b["test"] == logits else "does not beat")
-        emit(f"\n{'Chat' if chat else 'Plain'}: the head chosen on validation (L{b['layer']}H{b['head']}) {verdict} the model's "
+        emit(f"\n{'Chat' if chat else 'Plain'}: the head chosen on validation ({head_label(b['layer'], b['head'])}) {verdict} the model's "
              f"own letter logits on the held-out test split ({b['test']:.2f} vs {logits:.2f}; chance 0.25; "
              f"{run.meta['n_test']} questions, so one question is {1 / run.meta['n_test']:.3f}).")
     n_heads = lab.info.n_layers * lab.info.n_heads
@@ -87,12 +76,10 @@ def main() -> None:
     emit(f"\n### Top heads by validation QK accuracy (chat, n={N[True]})\n")
     emit("| head | val QK | test QK | test attention | test QK at last token | test QK without rotary | all questions QK |")
     emit("|---|---|---|---|---|---|---|")
-    val = s.raw["val_qk_label"].flatten()
-    order = sorted(range(len(val)), key=lambda i: -float(val[i]))[:10]
-    for flat in order:
-        l, h = divmod(flat, s.n_heads)
+    by_validation = hl.HeadScores(kind=s.kind, model=s.model, params=s.params, values=s.raw["val_qk_label"])
+    for l, h, _ in by_validation.top(10):
         r = s.raw
-        emit(f"| L{l}H{h} | {float(r['val_qk_label'][l, h]):.2f} | {float(r['test_qk_label'][l, h]):.2f} | "
+        emit(f"| {head_label(l, h)} | {float(r['val_qk_label'][l, h]):.2f} | {float(r['test_qk_label'][l, h]):.2f} | "
              f"{float(r['test_attn_label'][l, h]):.2f} | {float(r['test_qk_last'][l, h]):.2f} | "
              f"{float(r['test_qk_norope_label'][l, h]):.2f} | {float(r['all_qk_label'][l, h]):.2f} |")
     emit("\nMany heads tie at the same accuracies: a head that always points at the same label (say the last one, D) "
@@ -105,17 +92,15 @@ def main() -> None:
     # Ablation check on fresh questions: the top-K heads by accuracy over all scored chat questions vs random sets.
     chosen = selection_scores(s).top_heads(K)
     task = make_task("mcqa", lab, n=TASK_N)
-    rng = random.Random(f"0/{K}")  # as hl.ablation_curve draws its random sets
-    pool = [(l, h) for l in range(lab.info.n_layers) for h in range(lab.info.n_heads) if (l, h) not in set(chosen)]
-    sets = [sorted(rng.sample(pool, K)) for _ in range(N_RANDOM)]
+    sets = random_sets([h for h in all_heads(lab.info) if h not in set(chosen)], K, N_RANDOM, seed=0)  # as hl.ablation_curve draws them
     emit(f"\n### Ablation check: mean-ablating the top-{K} heads vs random {K}-head sets (`mcqa` task, {TASK_N} fresh chat questions)\n")
     emit("| ablated | heads | letter accuracy | mean P(right letter) among A-D | letters picked |")
     emit("|---|---|---|---|---|")
     for name, heads in [("nothing", []), (f"top-{K}", chosen)] + [(f"random {i + 1}", hs) for i, hs in enumerate(sets)]:
         d = task.details(ablation_hooks(lab, heads, "mean", task))
-        emit(f"| {name} | {heads_text(heads)} | {d['accuracy']:.3f} | {d['p_correct']:.3f} | {d['predicted']} |")
+        emit(f"| {name} | {format_heads(heads)} | {d['value']:.3f} | {d['p_correct']:.3f} | {d['predicted']} |")
     emit("\n_Made by `.venv/bin/python analyses/select_copy_heads.py` (CPU)._")
-    write_section("select_copy_heads", "\n".join(lines))
+    emit.write()
 
 
 if __name__ == "__main__":

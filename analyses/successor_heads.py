@@ -11,7 +11,6 @@ ablated (a stored `hl.ablation_curve`). Writes section "successor_heads" of anal
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -20,8 +19,9 @@ import headlab.scorers.successor as succ
 import headlab.tasks.successor  # noqa: F401  (registers the "successor" task)
 from headlab.datasets import ordinals
 from headlab.ablation import ablation_hooks
+from headlab.heads import format_heads, head_label
 from headlab.tasks import make_task
-from report import write_section  # analyses/report.py
+from report import Report, recompute_args  # analyses/report.py
 
 TASK_N = 28  # 4 prompts per list: forward passes on a shared 2-core CPU are slow
 KS = [1, 3, 8]
@@ -29,19 +29,13 @@ N_RANDOM = 3
 
 
 def heads_text(top) -> str:
-    return ", ".join(f"L{l}H{h} {v:.3f}" for l, h, v in top)
+    return ", ".join(f"{head_label(l, h)} {v:.3f}" for l, h, v in top)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     lab = hl.load("embedded")
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
+    emit = Report("successor_heads")
 
     tasks, dropped = ordinals.ordinal_tasks(lab.tokenizer)
     chance = succ.chance_level(tasks)
@@ -81,8 +75,7 @@ def main() -> None:
         copy_hits = copy_hits + (logits.argmax(-1) == torch.arange(len(task.items))).float().sum(-1)
         total += len(task.items)
     copy = copy_hits / total
-    flat = copy.flatten()
-    top_copy = [(int(i) // lab.info.n_heads, int(i) % lab.info.n_heads, float(flat[i])) for i in flat.argsort(descending=True)[:5]]
+    top_copy = hl.HeadScores(kind="copy", model=lab.info.name, params={}, values=copy).top(5)
     n_copying = int((copy >= 0.5).sum())
     verdict = ("The same weight path finds strong copying heads, so the absence of successor heads is not a broken pipeline."
                if n_copying else "The weight path finds no strong copying head either: read the succession scores with that in mind.")
@@ -92,24 +85,24 @@ def main() -> None:
     emit(f"Excluding the item itself (not the paper's score; chance {excluding.meta['chance']:.3f}), the best heads rank the "
          f"successor first among the *other* items more often than the paper's score finds anywhere: {heads_text(excluding.top(3))}. "
          "How often these heads map an item to itself (copy rate, all items): "
-         + ", ".join(f"L{l}H{h} {float(copy[l, h]):.3f}" for l, h, _ in excluding.top(3)) + ".\n")
+         + ", ".join(f"{head_label(l, h)} {float(copy[l, h]):.3f}" for l, h, _ in excluding.top(3)) + ".\n")
     for label, scores in (("the paper's variant", default), ("the paper's variant, item itself excluded", excluding)):
         layer, head, best = scores.top(1)[0]
-        emit(f"### Per-list accuracy of the best head of {label}, L{layer}H{head} ({best:.3f}), and each list's best head\n")
-        emit("| list | items | chance | L{}H{} | best head on this list |".format(layer, head))
+        emit(f"### Per-list accuracy of the best head of {label}, {head_label(layer, head)} ({best:.3f}), and each list's best head\n")
+        emit(f"| list | items | chance | {head_label(layer, head)} | best head on this list |")
         emit("|---|---|---|---|---|")
         per_task = scores.raw["per_task"]
         for t, name in enumerate(scores.meta["tasks"]):
             grid = per_task[t].flatten()
             i = int(grid.argmax())
             emit(f"| {name} | {len(scores.meta['items'][name])} | {float(scores.raw['chance'][t]):.3f} | "
-                 f"{float(per_task[t, layer, head]):.3f} | L{i // lab.info.n_heads}H{i % lab.info.n_heads} {float(grid[i]):.3f} |")
+                 f"{float(per_task[t, layer, head]):.3f} | {head_label(*divmod(i, lab.info.n_heads))} {float(grid[i]):.3f} |")
         emit("")
 
     task = make_task("successor", lab, n=TASK_N)
     details = task.details()
     emit(f"\n### Behaviour: continuing an ordinal list (n={TASK_N} prompts like `{task.prompts[3]}`)\n")
-    emit(f"Intact: accuracy among the list's items **{details['accuracy']:.3f}** (chance {details['chance']:.3f}); "
+    emit(f"Intact: accuracy among the list's items **{details['value']:.3f}** (chance {details['chance']:.3f}); "
          f"greedy top-1 over the whole vocabulary {details['top1_accuracy']:.3f}. Per list: "
          + ", ".join(f"{name} {acc:.2f}" for name, acc in details["per_task"].items()) + ".\n")
     for label, scores, ks in (("paper variant", default, KS), ("item itself excluded", excluding, KS[:2])):
@@ -119,22 +112,22 @@ def main() -> None:
         emit("|---|---|---|---|")
         for i, k in enumerate(curve.ks):
             rand = curve.random[i]
-            emit(f"| {k} | {', '.join(f'L{l}H{h}' for l, h in curve.top_heads[i])} | {curve.top[i]:.3f} | "
+            emit(f"| {k} | {format_heads(curve.top_heads[i])} | {curve.top[i]:.3f} | "
                  f"{sum(rand) / len(rand):.3f}; {min(rand):.3f}–{max(rand):.3f} |")
         emit("")
         if scores is default:  # which of the top heads carries the drop
             singles = [(l, h, task.evaluate(ablation_hooks(lab, [(l, h)], "mean", task))) for l, h in curve.top_heads[1]]
-            emit("Each of the top-3 heads alone, mean-ablated: " + ", ".join(f"L{l}H{h} → {v:.3f}" for l, h, v in singles) + ".\n")
+            emit("Each of the top-3 heads alone, mean-ablated: " + ", ".join(f"{head_label(l, h)} → {v:.3f}" for l, h, v in singles) + ".\n")
             l, h, v = min(singles, key=lambda item: item[2])
-            emit(f"**Reading.** The drop at k=3 is one head's: L{l}H{h} alone takes accuracy from {curve.baseline:.3f} to {v:.3f}, "
+            emit(f"**Reading.** The drop at k=3 is one head's: {head_label(l, h)} alone takes accuracy from {curve.baseline:.3f} to {v:.3f}, "
                  f"while its succession score is {float(default.values[l, h]):.3f} (chance {default.meta['chance']:.3f}) and its "
                  f"OV circuit maps {float(copy[l, h]):.3f} of the items to themselves. It reaches the top of the succession ranking "
-                 "by a tie at near-chance level, a coincidence rather than a finding of the score: the model needs L{}H{} to "
+                 "by a tie at near-chance level, a coincidence rather than a finding of the score: the model needs {} to "
                  "continue ordinal lists, but not as a successor map from the token's effective embedding (whether it is "
                  "needed for text in general was not measured here). "
-                 "No head of the embedded model is a successor head in the paper's sense under any variant tried.\n".format(l, h))
+                 "No head of the embedded model is a successor head in the paper's sense under any variant tried.\n".format(head_label(l, h)))
     emit("_Made by `.venv/bin/python analyses/successor_heads.py`._")
-    write_section("successor_heads", "\n".join(lines))
+    emit.write()
 
 
 if __name__ == "__main__":

@@ -1,31 +1,71 @@
-"""The Ablate tab: knock out chosen heads and measure a task; compare top-k heads of a score with random k-head sets."""
+"""The Ablate tab: knock out chosen heads and measure a task; compare top-k heads of a score with random k-head sets.
+
+The form's defaults are the library's (`CurveConfig()`, `DEFAULT_METHOD`), and its method parameter
+fields are generated from the registered ablation methods' dataclass fields: one number per
+(method, parameter), so a new method class appears here without editing the app. Results come from
+`hl.ablate` / `hl.ablation_curve` and are shown through their own `summary()`, `to_frame()`, `figure()`.
+"""
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
-import pandas as pd
 
 import headlab as hl
-from app.atlas_tab import MAX_N, MAX_SEED, AtlasTab
+from app.atlas_tab import MAX_N, AtlasTab, run_params
 from app.feedback import progress_to, shows_errors
 from app.inputs import check_count, format_heads, parse_heads, parse_ks
-from app.workbench import Workbench, ablation_summary, ablation_table
-from headlab.ablation import METHODS
+from app.workbench import Workbench
+from headlab.ablation import METHODS, method_fields
+from headlab.ablation.curve import DEFAULTS
+from headlab.ablation.methods import DEFAULT_METHOD
 
-DEFAULT_TASK = "repeated_tokens"
-DEFAULT_METHOD = inspect.signature(hl.ablate).parameters["method"].default  # the library's recommended method
-DEFAULT_TASK_N = 8
-DEFAULT_KS = "1, 2, 4, 8"
-DEFAULT_N_RANDOM = 5
+DEFAULT_HEADS = [(18, 6), (17, 3)]  # two induction heads of the embedded model
+DEFAULT_K = 4
 MAX_N_RANDOM = 50
-DEFAULT_SINK, DEFAULT_RECENT = 4, 64
+MethodField = tuple[str, str]  # (method name, parameter name)
 
 
-def method_params(method: str, sink: float, recent: float) -> dict:
-    """The extra parameters `method` takes from the form (only streaming_window has any)."""
-    if method != "streaming_window":
-        return {}
-    return {"sink": check_count(sink, "sink tokens", 0, 1 << 20), "recent": check_count(recent, "recent tokens", 1, 1 << 20)}
+def method_field_keys() -> list[MethodField]:
+    """Every (method, parameter) pair of the registered ablation methods, methods in name order."""
+    return [(name, field) for name in sorted(METHODS) for field in method_fields(name)]
+
+
+def field_argument(key: MethodField) -> str:
+    """The handler argument (and API parameter) name of a method field: 'streaming_window_sink'."""
+    return f"{key[0]}_{key[1]}"
+
+
+def chosen_method_params(method: str, values: dict[MethodField, float | None]) -> dict:
+    """The form's values of `method`'s own fields (whole numbers where the default is one); the method checks them."""
+    params = {}
+    for (name, field), value in values.items():
+        if name != method:
+            continue
+        if value is None or value != value:
+            raise ValueError(f"Fill in {field} ({name}).")
+        whole = isinstance(method_fields(name)[field], int) and float(value) == int(value)
+        params[field] = int(value) if whole else value
+    return params
+
+
+def takes_method_fields(handler: Callable, fixed: list[str]) -> Callable:
+    """`handler(*fixed, method_values, progress=...)` as a gradio handler whose inputs are the `fixed` ones,
+    then one per method field (named by `field_argument`, defaulting to the field's default), then progress."""
+    keys = method_field_keys()
+
+    def handle(*args):
+        values = dict(zip(keys, args[len(fixed):len(fixed) + len(keys)]))
+        return handler(*args[:len(fixed)], values, progress=args[-1])
+
+    arg = inspect.Parameter
+    handle.__signature__ = inspect.Signature(
+        [arg(name, arg.POSITIONAL_OR_KEYWORD) for name in fixed]
+        + [arg(field_argument(key), arg.POSITIONAL_OR_KEYWORD, default=method_fields(key[0])[key[1]]) for key in keys]
+        + [arg("progress", arg.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
+    )
+    handle.__name__ = handler.__name__
+    return shows_errors(handle)
 
 
 @dataclass
@@ -37,8 +77,7 @@ class AblateTab:
     task: gr.Dropdown
     method: gr.Radio
     task_n: gr.Number
-    sink: gr.Number
-    recent: gr.Number
+    method_fields: list[gr.Number]  # one per `method_field_keys()`, in that order
     ablate_button: gr.Button
     summary: gr.Markdown
     result: gr.Dataframe
@@ -50,33 +89,49 @@ class AblateTab:
     curve_table: gr.Dataframe
 
 
-def build_ablate_tab(bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
+def layout_method_fields() -> list[gr.Number]:
+    """One number per (method, parameter), labelled with the method, holding the parameter's default."""
+    numbers = []
+    for name, field in method_field_keys():
+        default = method_fields(name)[field]
+        numbers.append(gr.Number(
+            default, precision=0 if isinstance(default, int) else None, label=f"{field} ({name})",
+            elem_id=f"ablate-{name}-{field}".replace("_", "-"),
+        ))
+    return numbers
+
+
+def layout_ablate_form(atlas: AtlasTab) -> dict:
+    """The heads, task and method inputs and the single-ablation outputs, by `AblateTab` field name."""
     kinds, tasks, methods = hl.kinds(), hl.task_names(), sorted(METHODS)
     gr.Markdown(
-        "Type heads as `LAYER.HEAD` (e.g. `18.6, 17.3`) or fill in the top-k heads of a score kind. "
+        "Type heads as `L18H6` or `18.6`, separated by commas, or fill in the top-k heads of a score kind. "
         "Scores use the **n** and **seed** of the Head atlas tab (stored runs are reused)."
     )
     with gr.Row():
-        heads = gr.Textbox("18.6, 17.3", label="Heads to ablate", scale=3, elem_id="ablate-heads")
+        heads = gr.Textbox(format_heads(DEFAULT_HEADS), label="Heads to ablate", scale=3, elem_id="ablate-heads")
         kind = gr.Dropdown(kinds, value=atlas.kind.value, label="Score kind", scale=1, elem_id="ablate-kind")
-        k = gr.Number(4, precision=0, label="k", scale=1, elem_id="ablate-k")
+        k = gr.Number(DEFAULT_K, precision=0, label="k", scale=1, elem_id="ablate-k")
         fill_button = gr.Button("Fill top-k heads", scale=1, elem_id="ablate-fill")
     with gr.Row():
-        task = gr.Dropdown(tasks, value=DEFAULT_TASK if DEFAULT_TASK in tasks else tasks[0], label="Task", elem_id="ablate-task")
-        method = gr.Radio(methods, value=DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0], label="Method", elem_id="ablate-method")
-        task_n = gr.Number(DEFAULT_TASK_N, precision=0, label="task samples (n)", elem_id="ablate-n")
-        sink = gr.Number(DEFAULT_SINK, precision=0, label="sink tokens (streaming_window)", elem_id="ablate-sink")
-        recent = gr.Number(DEFAULT_RECENT, precision=0, label="recent tokens (streaming_window)", elem_id="ablate-recent")
+        task = gr.Dropdown(tasks, value=DEFAULTS.task if DEFAULTS.task in tasks else tasks[0], label="Task", elem_id="ablate-task")
+        method = gr.Radio(methods, value=DEFAULT_METHOD, label="Method", elem_id="ablate-method")
+        task_n = gr.Number(DEFAULTS.n, precision=0, label="task samples (n)", elem_id="ablate-n")
         ablate_button = gr.Button("Ablate", variant="primary", elem_id="ablate-run")
+    with gr.Row():
+        numbers = layout_method_fields()
     summary = gr.Markdown(label="ablation summary", elem_id="ablate-summary")
-    result = gr.Dataframe(
-        pd.DataFrame(columns=["task", "method", "heads", "intact", "ablated", "damage"]),
-        label="Metric intact vs ablated", interactive=False, elem_id="ablate-result",
-    )
+    result = gr.Dataframe(label="Metric intact vs ablated", interactive=False, elem_id="ablate-result")
+    return dict(heads=heads, kind=kind, k=k, fill_button=fill_button, task=task, method=method, task_n=task_n,
+                method_fields=numbers, ablate_button=ablate_button, summary=summary, result=result)
+
+
+def layout_curve_section() -> dict:
+    """The top-k vs random-k inputs and outputs, by `AblateTab` field name."""
     gr.Markdown("### Top-k vs random-k\nFor each k: ablate the top-k heads of the score kind above, then `n random` random k-head sets from the other heads.")
     with gr.Row():
-        ks = gr.Textbox(DEFAULT_KS, label="k values", elem_id="curve-ks")
-        n_random = gr.Number(DEFAULT_N_RANDOM, precision=0, label="n random sets per k", elem_id="curve-n-random")
+        ks = gr.Textbox(", ".join(str(k) for k in DEFAULTS.ks), label="k values", elem_id="curve-ks")
+        n_random = gr.Number(DEFAULTS.n_random, precision=0, label="n random sets per k", elem_id="curve-n-random")
         curve_button = gr.Button("Run top-k vs random-k", variant="primary", elem_id="curve-run")
     curve_status = gr.Markdown(label="curve summary", elem_id="curve-status")
     with gr.Row():
@@ -84,59 +139,66 @@ def build_ablate_tab(bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> 
             curve_plot = gr.Plot(label="Ablation curve", elem_id="curve-plot")
         with gr.Column(scale=2):
             curve_table = gr.Dataframe(label="Curve values", interactive=False, elem_id="curve-table")
+    return dict(ks=ks, n_random=n_random, curve_button=curve_button, curve_status=curve_status,
+                curve_plot=curve_plot, curve_table=curve_table)
 
+
+def layout_ablate_tab(atlas: AtlasTab) -> AblateTab:
+    return AblateTab(**layout_ablate_form(atlas), **layout_curve_section())
+
+
+def ablate_view(bench: Workbench, heads_text: str, task: str, method: str, n: float, values: dict, progress) -> tuple:
+    """(summary, table) of ablating the typed heads."""
+    heads = parse_heads(heads_text, bench.info)
+    n = check_count(n, "task samples (n)", 1, MAX_N)
+    params = chosen_method_params(method, values)
+    progress(0.0, f"{method}-ablating {len(heads)} heads on {task}")
+    result = hl.ablate(bench.lab, heads, task=task, method=method, n=n, method_params=params)
+    return result.summary(bench.info.name), result.to_frame()
+
+
+def curve_view(bench: Workbench, kind: str, score_n: float, score_seed: float, task: str, ks_text: str, method: str,
+               n_random: float, n: float, values: dict, progress) -> tuple:
+    """(figure, table, summary) of the top-k vs random-k curve the form describes."""
+    ks = parse_ks(ks_text, bench.info)
+    n_random = check_count(n_random, "n random sets per k", 1, MAX_N_RANDOM)
+    n = check_count(n, "task samples (n)", 1, MAX_N)
+    params = chosen_method_params(method, values)
+    scores = hl.score(bench.lab, kind, **run_params(kind, score_n, score_seed))
+    curve = hl.ablation_curve(bench.lab, scores, task=task, ks=ks, method=method, n_random=n_random, n=n,
+                              method_params=params, progress=progress)
+    return curve.figure(), curve.to_frame().round(4), curve.summary()
+
+
+def wire_ablate_tab(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
     @shows_errors
-    def fill_top_heads(kind: str, k: float, n: float, seed: float, progress=gr.Progress()) -> str:
+    def fill_top_heads(kind: str, k: float, n: float, seed: float) -> str:
         k = check_count(k, "k", 1, bench.info.n_layers * bench.info.n_heads)
-        n, seed = check_count(n, "n", 1, MAX_N), check_count(seed, "seed", 0, MAX_SEED)
-        return format_heads(bench.top_heads(kind, k, n, seed, progress=progress_to(progress)))
+        return format_heads(hl.score(bench.lab, kind, **run_params(kind, n, seed)).top_heads(k))
 
-    @shows_errors
-    def ablate(
-        heads_text: str, task: str, method: str, n: float, sink: float = DEFAULT_SINK, recent: float = DEFAULT_RECENT,
-        progress=gr.Progress(),
-    ) -> tuple[str, pd.DataFrame]:
-        heads = parse_heads(heads_text, bench.info)
-        n = check_count(n, "task samples (n)", 1, MAX_N)
-        params = method_params(method, sink, recent)
-        result = bench.ablate(heads, task, method, n, method_params=params, progress=progress_to(progress))
-        return ablation_summary(result, bench.info.name), ablation_table(result)
+    def ablate(heads_text, task, method, n, values, progress):
+        return ablate_view(bench, heads_text, task, method, n, values, progress_to(progress))
 
-    @shows_errors
-    def ablation_curve(
-        kind: str, score_n: float, score_seed: float, task: str, ks_text: str, method: str,
-        n_random: float, n: float, sink: float = DEFAULT_SINK, recent: float = DEFAULT_RECENT, progress=gr.Progress(),
-    ) -> tuple:
-        ks = parse_ks(ks_text, bench.info)
-        n_random = check_count(n_random, "n random sets per k", 1, MAX_N_RANDOM)
-        n = check_count(n, "task samples (n)", 1, MAX_N)
-        score_n, score_seed = check_count(score_n, "n", 1, MAX_N), check_count(score_seed, "seed", 0, MAX_SEED)
-        curve = bench.ablation_curve(
-            kind, score_n, score_seed, task, ks, method, n_random, n,
-            method_params=method_params(method, sink, recent), progress=progress_to(progress),
-        )
-        status = (
-            f"Top-k **{kind}** heads vs {n_random} random sets per k on **{curve.task['task']}** "
-            f"({curve.metric}); intact {curve.baseline:.3f}."
-        )
-        return curve.figure(), curve.to_frame().round(4), status
+    def ablation_curve(kind, score_n, score_seed, task, ks_text, method, n_random, n, values, progress):
+        return curve_view(bench, kind, score_n, score_seed, task, ks_text, method, n_random, n, values, progress_to(progress))
 
     lab_job = {"concurrency_id": concurrency_id}
-    fill_button.click(
-        fill_top_heads, inputs=[kind, k, atlas.n, atlas.seed], outputs=[heads], api_name="top_heads", **lab_job
+    tab.fill_button.click(
+        fill_top_heads, inputs=[tab.kind, tab.k, atlas.n, atlas.seed], outputs=[tab.heads], api_name="top_heads", **lab_job
     )
-    ablate_button.click(
-        ablate, inputs=[heads, task, method, task_n, sink, recent], outputs=[summary, result], api_name="ablate", **lab_job
+    tab.ablate_button.click(
+        takes_method_fields(ablate, ["heads_text", "task", "method", "n"]),
+        inputs=[tab.heads, tab.task, tab.method, tab.task_n, *tab.method_fields], outputs=[tab.summary, tab.result],
+        api_name="ablate", **lab_job,
     )
-    curve_button.click(
-        ablation_curve,
-        inputs=[kind, atlas.n, atlas.seed, task, ks, method, n_random, task_n, sink, recent],
-        outputs=[curve_plot, curve_table, curve_status],
-        api_name="ablation_curve",
-        **lab_job,
+    curve_fixed = ["kind", "score_n", "score_seed", "task", "ks_text", "method", "n_random", "n"]
+    tab.curve_button.click(
+        takes_method_fields(ablation_curve, curve_fixed),
+        inputs=[tab.kind, atlas.n, atlas.seed, tab.task, tab.ks, tab.method, tab.n_random, tab.task_n, *tab.method_fields],
+        outputs=[tab.curve_plot, tab.curve_table, tab.curve_status], api_name="ablation_curve", **lab_job,
     )
-    return AblateTab(
-        heads=heads, kind=kind, k=k, fill_button=fill_button, task=task, method=method, task_n=task_n, sink=sink, recent=recent,
-        ablate_button=ablate_button, summary=summary, result=result, ks=ks, n_random=n_random,
-        curve_button=curve_button, curve_status=curve_status, curve_plot=curve_plot, curve_table=curve_table,
-    )
+    return tab
+
+
+def build_ablate_tab(bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
+    return wire_ablate_tab(layout_ablate_tab(atlas), bench, atlas, concurrency_id)

@@ -35,3 +35,9 @@ def progress_to(progress: gr.Progress) -> Progress:
         progress(fraction, desc=message)
 
     return report
+
+
+def selected_row(table, evt: gr.SelectData):
+    """The clicked row of a `gr.Dataframe` (a pandas Series), or None for a header click or an empty table."""
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    return table.iloc[row] if isinstance(row, int) and 0 <= row < len(table) else None

@@ -1,9 +1,11 @@
-"""Reading what users type into the app: head lists, k lists and counts, with messages that say how to fix them.
+"""Reading what users type into the app: heads and head lists, number lists, k lists and counts, with
+messages that say how to fix them. Heads are read as 'L18H6' or '18.6' and written back as 'L18H6'.
 
 Everything here is plain Python (no gradio), raises `ValueError` with a user-facing message, and
 knows the model's shape only through `ModelInfo`.
 """
 import re
+from typing import Callable
 
 from headlab import ModelInfo
 from headlab.heads import Head, check_head, format_heads, parse_heads  # noqa: F401  (the app's head inputs)
@@ -26,6 +28,25 @@ def check_count(value: float | None, name: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise ValueError(f"{name} must be from {low} to {high}, got {number}.")
     return number
+
+
+def parse_numbers(text: str, name: str, cast: Callable = float) -> list:
+    """'256, 512' -> [256, 512] (with `cast`), or `ValueError` naming the input."""
+    try:
+        values = [cast(item) for item in _SEPARATORS.split((text or "").strip()) if item]
+    except ValueError:
+        raise ValueError(f"{name} must be numbers separated by commas; got {text!r}.") from None
+    if not values:
+        raise ValueError(f"Fill in {name}.")
+    return values
+
+
+def parse_head(text: str, info: ModelInfo) -> Head:
+    """Exactly one head ('L18H6' or '18.6'), checked against the model."""
+    heads = parse_heads(text, info)
+    if len(heads) != 1:
+        raise ValueError(f"Give exactly one head (e.g. 'L18H6'); got {len(heads)}.")
+    return heads[0]
 
 
 def parse_ks(text: str, info: ModelInfo) -> list[int]:

@@ -25,6 +25,16 @@ from app.workbench import Workbench
 # state, so two jobs must never run on it at once.
 LAB_JOBS = "lab"
 TITLE = "headlab — attention-head workbench"
+# The tabs after Ablate, each built from the workbench alone: (label, id, build function).
+MODEL_TABS = [
+    ("Retrieval", "retrieval", build_retrieval_tab),
+    ("Sinks", "sinks", build_sinks_tab),
+    ("Successor", "successor", build_successor_tab),
+    ("Select & copy", "select_copy", build_select_copy_tab),
+    ("Safety", "safety", build_safety_tab),
+    ("Channels", "channels", build_channels_tab),
+    ("Export & runtime", "runtime", build_runtime_tab),
+]
 
 
 def build_app(lab: hl.Lab | None = None) -> gr.Blocks:
@@ -39,20 +49,9 @@ def build_app(lab: hl.Lab | None = None) -> gr.Blocks:
                 atlas = build_atlas_tab(bench, LAB_JOBS)
             with gr.Tab("Ablate", id="ablate", elem_id="tab-ablate"):
                 build_ablate_tab(bench, atlas, LAB_JOBS)
-            with gr.Tab("Retrieval", id="retrieval", elem_id="tab-retrieval"):
-                build_retrieval_tab(bench, LAB_JOBS)
-            with gr.Tab("Sinks", id="sinks", elem_id="tab-sinks"):
-                build_sinks_tab(bench, LAB_JOBS)
-            with gr.Tab("Successor", id="successor", elem_id="tab-successor"):
-                build_successor_tab(bench, LAB_JOBS)
-            with gr.Tab("Select & copy", id="select_copy", elem_id="tab-select-copy"):
-                build_select_copy_tab(bench, LAB_JOBS)
-            with gr.Tab("Safety", id="safety", elem_id="tab-safety"):
-                build_safety_tab(bench, LAB_JOBS)
-            with gr.Tab("Channels", id="channels", elem_id="tab-channels"):
-                build_channels_tab(bench, LAB_JOBS)
-            with gr.Tab("Export & runtime", id="runtime", elem_id="tab-runtime"):
-                build_runtime_tab(bench, LAB_JOBS)
+            for label, tab_id, build_tab in MODEL_TABS:
+                with gr.Tab(label, id=tab_id, elem_id=f"tab-{tab_id.replace('_', '-')}"):
+                    build_tab(bench, LAB_JOBS)
 
         # A new model invalidates the atlas: show that model's stored run of the chosen kind, if any.
         model.loaded.change(

@@ -28,7 +28,7 @@ def failed_load_message(name_or_path: str, err: Exception, current: str) -> str:
     return f"⚠️ **Could not load `{name_or_path}`.** {user_message(err)}\n\nThe app keeps using **{current}**."
 
 
-def build_model_tab(bench: Workbench, concurrency_id: str) -> ModelTab:
+def layout_model_tab(bench: Workbench) -> ModelTab:
     gr.Markdown(
         "Load **embedded** (SmolLM2-135M-Instruct, shipped with headlab, works offline), a Hugging Face "
         "name (needs the network or the local Hugging Face cache) or a local folder saved with "
@@ -39,8 +39,10 @@ def build_model_tab(bench: Workbench, concurrency_id: str) -> ModelTab:
         load_button = gr.Button("Load model", variant="primary", scale=1, elem_id="model-load")
     status = gr.Markdown(bench.model_summary(), label="model summary", elem_id="model-status")
     info = gr.JSON(value=bench.info.to_dict(), label="ModelInfo", elem_id="model-info")
-    loaded = gr.State(bench.loads)
+    return ModelTab(name=name, load_button=load_button, status=status, info=info, loaded=gr.State(bench.loads))
 
+
+def wire_model_tab(tab: ModelTab, bench: Workbench, concurrency_id: str) -> ModelTab:
     def load_model(name_or_path: str, progress=gr.Progress()) -> tuple:
         """A failed load is reported in the status line (the ModelInfo and the model stay as they were)."""
         try:
@@ -49,7 +51,11 @@ def build_model_tab(bench: Workbench, concurrency_id: str) -> ModelTab:
             return failed_load_message(name_or_path, err, bench.info.name), gr.skip(), gr.skip()
         return *current_model(bench), bench.loads
 
-    event = {"fn": load_model, "inputs": [name], "outputs": [status, info, loaded], "concurrency_id": concurrency_id}
-    load_button.click(api_name="load_model", **event)
-    name.submit(api_visibility="private", **event)
-    return ModelTab(name=name, load_button=load_button, status=status, info=info, loaded=loaded)
+    event = {"fn": load_model, "inputs": [tab.name], "outputs": [tab.status, tab.info, tab.loaded], "concurrency_id": concurrency_id}
+    tab.load_button.click(api_name="load_model", **event)
+    tab.name.submit(api_visibility="private", **event)
+    return tab
+
+
+def build_model_tab(bench: Workbench, concurrency_id: str) -> ModelTab:
+    return wire_model_tab(layout_model_tab(bench), bench, concurrency_id)

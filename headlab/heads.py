@@ -16,6 +16,20 @@ _HEAD_PATTERN = re.compile(r"^L?(\d+)\s*[.:H]\s*H?(\d+)$", re.IGNORECASE)
 _SEPARATORS = re.compile(r"[,;\s]+")
 
 
+class HeadGrid:
+    """`n_layers` and `n_heads` of a result holding `values` `[n_layers, n_heads, ...]` (scores, composition maps)."""
+
+    values: object
+
+    @property
+    def n_layers(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.values.shape[1]
+
+
 def check_head(info: ModelInfo, layer: int, head: int) -> Head:
     """Return `(layer, head)` as ints, or raise `ValueError` naming the model's real ranges."""
     layer, head = int(layer), int(head)

@@ -243,6 +243,19 @@ class HeadMask:
             raise ValueError(f"Head mask does not fit {name}{made_for}: " + "; ".join(problems) + ".")
         return self
 
+    def figure(self):
+        """Plotly: the mask as a layer x KV-head grid, full-cache heads in red."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Heatmap(
+            z=self.full.int().T.numpy(), x=list(range(self.n_layers)), y=[f"KV {h}" for h in range(self.n_kv_heads)],
+            colorscale=[[0, "#cbd5e1"], [1, "#dc2626"]], zmin=0, zmax=1, showscale=False,
+            hovertemplate="layer %{x}, %{y}: %{z}<extra>1 = full cache, 0 = streaming</extra>",
+        ))
+        fig.update_layout(title=f"{self.n_full} of {self.full.numel()} KV heads keep the full cache (red)",
+                          xaxis_title="layer", height=260, margin={"l": 60, "r": 20, "t": 50, "b": 40})
+        return fig
+
     def __repr__(self) -> str:
         return (f"HeadMask({self.model or '?'}: {self.n_full}/{self.full.numel()} KV heads full, "
                 f"sink={self.sink}, recent={self.recent}, source={self.source.get('kind', '?')})")
@@ -350,6 +363,55 @@ def make_mask(lab, source: str = MaskConfig.source, *, score_params: dict | None
     scores = score(lab, c.kind, **(score_params or {}))
     fraction = None if c.threshold is not None else c.full_fraction
     return HeadMask.from_scores(scores, full_fraction=fraction, threshold=c.threshold, sink=c.sink, recent=c.recent, info=lab.info)
+
+
+MIB = 2**20
+
+
+@dataclass
+class KVMemory:
+    """Ideal KV bytes against context length for the full cache, a mask and all-streaming (same window), in MiB."""
+
+    mask: HeadMask
+    context: list[int]
+    full_cache: list[float]
+    this_mask: list[float]
+    all_streaming: list[float]
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"context": self.context, "full cache": self.full_cache, "this mask": self.this_mask,
+                             "all streaming": self.all_streaming})
+
+    def figure(self):
+        """Plotly: MiB against context length, one line per cache."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for name, values, dash in (("full cache", self.full_cache, "solid"), ("this mask", self.this_mask, "solid"),
+                                   ("all streaming", self.all_streaming, "dot")):
+            fig.add_trace(go.Scatter(x=self.context, y=values, name=name, mode="lines", line={"dash": dash}))
+        fig.update_layout(title="KV cache the runtime must hold (batch 1)", xaxis_title="context length (tokens)",
+                          yaxis_title="MiB", height=340, margin={"l": 60, "r": 20, "t": 50, "b": 40})
+        return fig
+
+    def summary(self) -> str:
+        mask, mine, full = self.mask, self.this_mask[-1], self.full_cache[-1]
+        return (f"{mask!r}. At {self.context[-1]} tokens the KV cache needs **{mine:.1f} MiB** instead of {full:.1f} MiB "
+                f"({100 * mine / full:.0f}%); streaming heads keep {mask.sink} + {mask.recent} tokens.")
+
+
+def kv_memory(mask: HeadMask, info, dtype_bytes: int, points: int = 16) -> KVMemory:
+    """`mask`'s ideal KV memory at `points` context lengths up to `info.n_ctx`, beside the full cache and all-streaming."""
+    lengths = sorted({max(1, round(info.n_ctx * i / points)) for i in range(1, points + 1)})
+    streaming = HeadMask.all_streaming(info, sink=mask.sink, recent=mask.recent)
+
+    def mib(m: HeadMask) -> list[float]:
+        return [m.ideal_kv_bytes(n, dtype_bytes, info.d_head) / MIB for n in lengths]
+
+    return KVMemory(mask=mask, context=lengths, full_cache=mib(HeadMask.all_full(info)), this_mask=mib(mask),
+                    all_streaming=mib(streaming))
 
 
 def read_duo_tsv(path: Path) -> torch.Tensor:

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from headlab import store
-from headlab.heads import Head
+from headlab.heads import Head, HeadGrid, head_label
 
 FORMAT = "headlab.head_scores/v1"
 
 
 @dataclass
-class HeadScores:
+class HeadScores(HeadGrid):
     """Scores of every attention head for one kind of behaviour.
 
     Attributes:
@@ -31,14 +31,6 @@ class HeadScores:
     values: torch.Tensor
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-
-    @property
-    def n_layers(self) -> int:
-        return self.values.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.values.shape[1]
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The `k` highest-scoring heads as `(layer, head, value)`, best first."""
@@ -60,28 +52,30 @@ class HeadScores:
         frame["rank"] = frame["value"].rank(ascending=False, method="first").astype(int)
         return frame.sort_values("rank").reset_index(drop=True)
 
+    def top_frame(self, k: int = 10, value_name: str | None = None) -> "pandas.DataFrame":
+        """The `k` best heads as a table: `rank` (1 = best), `head` (`L18H6`), and the score in a column
+        named `value_name` (default: the kind)."""
+        import pandas as pd
+
+        column = value_name or self.kind
+        rows = [
+            {"rank": rank, "head": head_label(layer, head), column: round(value, 4)}
+            for rank, (layer, head, value) in enumerate(self.top(k), start=1)
+        ]
+        return pd.DataFrame(rows, columns=["rank", "head", column])
+
+    def summary(self) -> str:
+        """One Markdown sentence: the kind, the model, the run's sample count and seed (when it has them), the best head."""
+        run = ", ".join(f"{name}={self.params[name]}" for name in ("n", "seed") if self.params.get(name) is not None)
+        layer, head, value = self.top(1)[0]
+        return (f"**{self.kind}** scores of {self.model}{f' ({run})' if run else ''}. "
+                f"Best head: **{head_label(layer, head)}** ({value:.3f}).")
+
     def heatmap(self, title: str | None = None):
         """A plotly heatmap, layers on the y axis (layer 0 at the bottom), heads on the x axis."""
-        import plotly.graph_objects as go
+        from headlab.viz import head_heatmap
 
-        fig = go.Figure(
-            go.Heatmap(
-                z=self.values.numpy(),
-                x=list(range(self.n_heads)),
-                y=list(range(self.n_layers)),
-                colorscale="Viridis",
-                colorbar={"title": self.kind},
-                hovertemplate="layer %{y}, head %{x}<br>score %{z:.3f}<extra></extra>",
-            )
-        )
-        fig.update_layout(
-            title=title or f"{self.kind} score — {self.model}",
-            xaxis_title="head",
-            yaxis_title="layer",
-            height=max(360, 18 * self.n_layers + 120),
-            margin={"l": 60, "r": 20, "t": 50, "b": 50},
-        )
-        return fig
+        return head_heatmap(self.values, title or f"{self.kind} score — {self.model}", self.kind)
 
     # --- storage -------------------------------------------------------------------------------
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import html
 
-from headlab.heads import check_head, check_layer
+from headlab.heads import check_head, check_layer, head_label
 from headlab.lab import Lab
 
 MAX_VIEW_TOKENS = 512
+# CircuitsVis draws a head selector and a square zoomed pattern about as wide as its 960 px column.
+PATTERN_VIEW_HEIGHT = 1250
 
 
 def attention_view_html(lab: Lab, prompt: str, layer: int, heads: list[int] | None = None) -> str:
@@ -26,11 +28,22 @@ def attention_view_html(lab: Lab, prompt: str, layer: int, heads: list[int] | No
     view = attention_heads(
         attention=pattern[heads],
         tokens=lab.to_str_tokens(tokens),
-        attention_head_names=[f"L{layer}H{h}" for h in heads],
+        attention_head_names=[head_label(layer, h) for h in heads],
     )
     # `local_src` inlines the bundled JS; `_repr_html_` would probe the network first.
     body = view.local_src
     return f"<!doctype html><html><head><meta charset='utf-8'></head><body>{body}</body></html>"
+
+
+def head_pattern_view(lab: Lab, prompt: str, layer: int, head: int, *, whole_layer: bool = True,
+                      height: int = PATTERN_VIEW_HEIGHT) -> str:
+    """An `<iframe>` showing head `L{layer}H{head}` on `prompt`, selected first (with `whole_layer`, the
+    other heads of its layer follow)."""
+    layer, head = check_head(lab.info, check_layer(lab.info, layer), head)
+    if not (prompt or "").strip():
+        raise ValueError("Type a prompt to see the attention pattern on it.")
+    others = [h for h in range(lab.info.n_heads) if h != head] if whole_layer else []
+    return iframe(attention_view_html(lab, prompt, layer, heads=[head, *others]), height=height)
 
 
 def iframe(document: str, height: int = 620) -> str:
@@ -39,6 +52,52 @@ def iframe(document: str, height: int = 620) -> str:
         f'<iframe srcdoc="{html.escape(document, quote=True)}" '
         f'style="width:100%;height:{height}px;border:0" sandbox="allow-scripts"></iframe>'
     )
+
+
+def head_heatmap(
+    values,
+    title: str,
+    colorbar_title: str,
+    *,
+    x: list | None = None,
+    y: list | None = None,
+    x_title: str = "head",
+    y_title: str = "layer",
+    hovertemplate: str | None = None,
+    zmin: float | None = None,
+    zmax: float | None = None,
+    height: int | None = None,
+) -> "go.Figure":
+    """The one plotly heatmap of per-head values: `values` `[n_layers, n_heads]` (tensor or array), layer 0 at the bottom.
+
+    `x`/`y` default to head and layer indices; the hover text names the head `L%{y}H%{x}`. Callers with
+    other axes (e.g. sender/receiver head labels) pass their own `x`, `y`, titles and `hovertemplate`.
+    """
+    import plotly.graph_objects as go
+
+    z = values.numpy() if hasattr(values, "numpy") else values
+    n_rows, n_cols = len(z), len(z[0]) if len(z) else 0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x if x is not None else list(range(n_cols)),
+            y=y if y is not None else list(range(n_rows)),
+            colorscale="Viridis",
+            zmin=zmin,
+            zmax=zmax,
+            colorbar={"title": colorbar_title},
+            hoverongaps=False,
+            hovertemplate=hovertemplate or "L%{y}H%{x}<br>score %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        height=height or max(360, 18 * n_rows + 120),
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+    )
+    return fig
 
 
 def curve_figure(curve) -> "go.Figure":

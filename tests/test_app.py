@@ -7,6 +7,8 @@ from gradio_client.exceptions import AppError
 
 import headlab as hl
 from app.inputs import format_heads, parse_heads, parse_ks
+from headlab.ablation import method_fields
+from headlab.heads import head_label
 
 N = 8  # small samples: these tests run on a 2-core CPU
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -29,7 +31,7 @@ def test_model_info_reports_the_embedded_shape(client):
 
 
 def test_scoring_induction_shows_heatmap_and_real_induction_heads(client, lab):
-    plot, table, status, layer, head = client.predict("induction", N, 0, False, api_name="/score")
+    plot, table, status, best = client.predict("induction", N, 0, False, api_name="/score")
     assert plot["type"] == "plotly"
     figure = json.loads(plot["plot"])
     assert figure["data"][0]["type"] == "heatmap"
@@ -37,39 +39,41 @@ def test_scoring_induction_shows_heatmap_and_real_induction_heads(client, lab):
     shape = z["shape"] if isinstance(z, dict) else f"{len(z)}, {len(z[0])}"
     assert shape.replace(" ", "") == f"{lab.info.n_layers},{lab.info.n_heads}"
     rows = table_rows(table)
-    assert len(rows) == 10
-    expected = hl.score(lab, "induction", n=N, seed=0).top(3)
-    assert (rows[0]["layer"], rows[0]["head"]) == expected[0][:2]
-    assert (layer, head) == expected[0][:2]
-    assert rows[0]["score"] > 0.5  # a real induction head puts most of its attention on the induction target
-    assert [(r["layer"], r["head"]) for r in rows[:3]] == [h[:2] for h in expected]
-    assert f"L{layer}H{head}" in status
+    assert len(rows) == 10 and [r["rank"] for r in rows[:3]] == [1, 2, 3]
+    expected = [head_label(layer, head) for layer, head in hl.score(lab, "induction", n=N, seed=0).top_heads(3)]
+    assert best == rows[0]["head"] == expected[0]
+    assert rows[0]["induction"] > 0.5  # a real induction head puts most of its attention on the induction target
+    assert [r["head"] for r in rows[:3]] == expected
+    assert f"**{best}**" in status and "computed in" in status
 
 
 def test_atlas_reads_a_stored_run_without_computing(client, induction_scores):
     stored_n, stored_seed = induction_scores.params["n"], induction_scores.params["seed"]
-    plot, table, status, n, seed, layer, head, pattern = client.predict(
+    plot, table, status, n, seed, head, pattern = client.predict(
         "induction", stored_n, stored_seed, PROMPT, api_name="/stored_atlas"
     )
     assert "read from the store" in status
     assert (n, seed) == (stored_n, stored_seed)
-    assert (layer, head) == induction_scores.top_heads(1)[0]
-    assert plot["type"] == "plotly" and "<iframe srcdoc=" in pattern
+    assert head == head_label(*induction_scores.top_heads(1)[0]) == table_rows(table)[0]["head"]
+    assert plot["type"] == "plotly" and "<iframe srcdoc=" in pattern and head in pattern
     # With no run for the asked (n, seed), the newest stored run is shown, and the inputs follow it.
-    *_, status, n, seed, _, _, _ = client.predict("induction", 999, 0, PROMPT, api_name="/stored_atlas")
+    *_, status, n, seed, _, _ = client.predict("induction", 999, 0, PROMPT, api_name="/stored_atlas")
     assert "read from the store" in status and n != 999
 
 
 def test_pattern_view_is_a_circuitsvis_iframe(client):
-    view = client.predict(PROMPT, 18, 6, api_name="/pattern")
+    view = client.predict(PROMPT, "L18H6", api_name="/pattern")
     assert view.startswith("<iframe srcdoc=") and "circuits-vis" in view and "L18H6" in view
+    same = client.predict(PROMPT, "18.6", api_name="/pattern")  # the old spelling reads the same head
+    assert "L18H6" in same and same.index("L18H6") == view.index("L18H6")
 
 
 def test_ablating_top4_induction_heads_raises_repeated_token_loss(client):
     heads_text = client.predict("induction", 4, N, 0, api_name="/top_heads")
-    assert len(heads_text.split(",")) == 4
+    assert len(heads_text.split(",")) == 4 and heads_text.startswith("L")
     summary, table = client.predict(heads_text, "repeated_tokens", "mean", N, api_name="/ablate")
     (row,) = table_rows(table)
+    assert row["heads"] == heads_text
     assert row["ablated"] > row["intact"] + 1.0
     assert row["damage"] > 1.0 and "repeated_tokens" in summary
 
@@ -77,10 +81,21 @@ def test_ablating_top4_induction_heads_raises_repeated_token_loss(client):
 def test_streaming_window_ablation_takes_its_window_from_the_form(client):
     """A 16-token window hides the first copy from the induction heads; a 200-token one hides nothing."""
     heads_text = client.predict("induction", 4, N, 0, api_name="/top_heads")
-    _, narrow = client.predict(heads_text, "repeated_tokens", "streaming_window", 2, 4, 16, api_name="/ablate")
-    _, wide = client.predict(heads_text, "repeated_tokens", "streaming_window", 2, 4, 200, api_name="/ablate")
+    window = {"task": "repeated_tokens", "method": "streaming_window", "n": 2, "streaming_window_sink": 4}
+    _, narrow = client.predict(heads_text, **window, streaming_window_recent=16, api_name="/ablate")
+    _, wide = client.predict(heads_text, **window, streaming_window_recent=200, api_name="/ablate")
     assert table_rows(narrow)[0]["damage"] > 2.0
     assert abs(table_rows(wide)[0]["damage"]) < 1e-3
+    with pytest.raises(AppError, match="recent >= 1"):
+        client.predict("18.6", **window, streaming_window_recent=0, api_name="/ablate")
+
+
+def test_ablate_tab_has_a_number_for_every_method_parameter(client):
+    """The method fields are generated from the methods' dataclasses, defaults included."""
+    parameters = {p["parameter_name"]: p.get("parameter_default") for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/ablate"]["parameters"]}
+    for method in ("streaming_window", "scaled_query"):
+        for field, default in method_fields(method).items():
+            assert parameters[f"{method}_{field}"] == default
 
 
 def test_ablation_curve_top_k_beats_random_k(client):
@@ -98,11 +113,10 @@ def test_ablation_curve_top_k_beats_random_k(client):
     [
         ("/ablate", ("18-6, 17.3", "repeated_tokens", "zero", N), "LAYER.HEAD"),
         ("/ablate", ("40.2", "repeated_tokens", "zero", N), "Head 40.2 does not exist"),
-        ("/pattern", (PROMPT, 40, 2), "Layer 40 does not exist"),
-        ("/pattern", ("word " * 600, 18, 6), "at most 512"),
+        ("/pattern", (PROMPT, "40.2"), "Head 40.2 does not exist"),
+        ("/pattern", ("word " * 600, "L18H6"), "at most 512"),
         ("/ablation_curve", ("induction", N, 0, "repeated_tokens", "1, two", "zero", 1, N), "'two'"),
         ("/score", ("induction", 0, 0, False), "n must be from 1"),
-        ("/ablate", ("18.6", "repeated_tokens", "streaming_window", N, 4, 0), "recent tokens must be from 1"),
     ],
 )
 def test_bad_inputs_give_clear_errors_and_the_app_lives_on(client, endpoint, args, message):
@@ -119,7 +133,7 @@ def test_failed_model_load_keeps_the_previous_model(client, monkeypatch):
     assert "keeps using **SmolLM2-135M-Instruct**" in status
     status, info = client.predict(api_name="/model_info")
     assert info["name"] == "SmolLM2-135M-Instruct" and "SmolLM2" in status
-    view = client.predict(PROMPT, 18, 6, api_name="/pattern")
+    view = client.predict(PROMPT, "L18H6", api_name="/pattern")
     assert "circuits-vis" in view
 
 
@@ -152,15 +166,16 @@ def test_loading_a_local_folder_switches_every_tab_to_it(lab, tiny_model_dir, se
         stored = client.predict("induction", N, 0, PROMPT, api_name="/stored_atlas")
         assert "No stored **induction** run for tiny-llama" in stored[2]
         with pytest.raises(AppError, match="tiny-llama has layers 0-1"):
-            client.predict(PROMPT, 18, 6, api_name="/pattern")
-        _, table, _, layer, head = client.predict("induction", 2, 0, False, api_name="/score")
+            client.predict(PROMPT, "L18H6", api_name="/pattern")
+        _, table, _, best = client.predict("induction", 2, 0, False, api_name="/score")
+        (layer, head), = parse_heads(best)
         assert len(table["data"]) == 8 and 0 <= layer < 2 and 0 <= head < 4  # 2 x 4 heads in all
 
 
 def test_parse_heads_accepts_common_spellings(lab):
     assert parse_heads("18.6, 17.3", lab.info) == [(18, 6), (17, 3)]
     assert parse_heads("L18H6; 17:3 18.6", lab.info) == [(18, 6), (17, 3)]
-    assert format_heads(parse_heads("l0h8", lab.info)) == "0.8"
+    assert format_heads(parse_heads("l0h8, 17.3", lab.info)) == "L0H8, L17H3"
     with pytest.raises(ValueError, match="No heads given"):
         parse_heads("  ", lab.info)
     with pytest.raises(ValueError, match="does not exist"):
@@ -177,6 +192,8 @@ def test_retrieval_tab_scores_heads_and_rejects_bad_lengths(client):
     table, status = client.predict("fact", "filler", "256, 384", "0.1, 0.5, 0.9", 1, api_name="/retrieval")
     rows = table_rows(table)
     assert rows[0]["retrieval score"] > 0.1 and "accuracy" in status  # a real retrieval head copies the needle
+    layer, _ = parse_heads(rows[0]["head"])[0]
+    assert 15 <= layer <= 25  # retrieval heads sit in the mid-to-late layers
     with pytest.raises(AppError, match="context lengths must be numbers"):
         client.predict("fact", "filler", "256, long", "0.5", 1, api_name="/retrieval")
     with pytest.raises(AppError, match="more than the context of 16 tokens"):
@@ -184,11 +201,13 @@ def test_retrieval_tab_scores_heads_and_rejects_bad_lengths(client):
 
 
 def test_sinks_tab_shows_the_domain_matrix_and_two_patterns(client):
-    plot, table, status, layer, head = client.predict(1, 0, api_name="/sinks")
+    plot, table, status, head = client.predict(1, 0, api_name="/sinks")
     assert json.loads(plot["plot"])["data"][0]["type"] == "heatmap"
-    assert table_rows(table) and "switch" in status
-    view_a, view_b = client.predict(layer, head, "prose", "code", 0, api_name="/sink_patterns")
-    assert "<iframe" in view_a and "<iframe" in view_b and view_a != view_b
+    rows = table_rows(table)
+    assert rows and rows[0]["head"] == head and "switch" in status
+    assert rows[0]["dormant on"] and rows[0]["active on"]  # a switching head is dormant somewhere, active elsewhere
+    view_a, view_b = client.predict(head, "prose", "code", 0, api_name="/sink_patterns")
+    assert view_a.startswith(f"<h4>{head} on prose</h4><iframe") and "<iframe" in view_b and view_a != view_b
 
 
 def test_channels_tab_analyses_the_previous_token_to_induction_pair(client):

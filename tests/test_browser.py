@@ -10,6 +10,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 import headlab as hl
+from headlab.heads import head_label
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -67,14 +68,14 @@ def test_atlas_shows_heatmap_top_heads_and_circuitsvis_pattern(page: Page, app_u
 
     heatmap = page.locator("#atlas-heatmap")
     expect(page.locator("#atlas-status")).to_contain_text("computed in", timeout=SLOW_MS)
-    layer, head = hl.score(lab, "induction", n=N, seed=0).top_heads(1)[0]
-    expect(page.locator("#atlas-status")).to_contain_text(f"L{layer}H{head}")
+    best = head_label(*hl.score(lab, "induction", n=N, seed=0).top_heads(1)[0])
+    expect(page.locator("#atlas-status")).to_contain_text(best)
     expect(heatmap.locator(".plotly svg.main-svg").first).to_be_visible(timeout=SLOW_MS)
     expect(heatmap.locator(".hm, .heatmaplayer").first).to_be_attached()
-    expect(page.locator("#atlas-top")).to_contain_text(str(layer))
+    expect(page.locator("#atlas-top")).to_contain_text(best)
 
     view = page.frame_locator("#atlas-pattern iframe")
-    expect(view.get_by_text(f"L{layer}H{head} Zoomed")).to_be_visible(timeout=SLOW_MS)
+    expect(view.get_by_text(f"{best} Zoomed")).to_be_visible(timeout=SLOW_MS)
     expect(view.locator("canvas").first).to_be_visible()
     assert view.locator("canvas").count() >= lab.info.n_heads  # one thumbnail per head of the layer
 
@@ -82,18 +83,18 @@ def test_atlas_shows_heatmap_top_heads_and_circuitsvis_pattern(page: Page, app_u
         save_screenshot(page, SCREENSHOT)
 
     # Clicking the second row of the top table shows that head's pattern.
-    layer_cell, head_cell = (page.locator(f"#atlas-top [data-testid='cell-1-{col}']") for col in (1, 2))
-    second_layer, second_head = int(layer_cell.inner_text()), int(head_cell.inner_text())
-    layer_cell.click()
-    expect(page.locator("#atlas-layer input")).to_have_value(str(second_layer), timeout=SLOW_MS)
-    expect(view.get_by_text(f"L{second_layer}H{second_head} Zoomed")).to_be_visible(timeout=SLOW_MS)
+    head_cell = page.locator("#atlas-top [data-testid='cell-1-1']")
+    second = head_cell.inner_text().strip()
+    head_cell.click()
+    expect(page.locator("#atlas-head input, #atlas-head textarea")).to_have_value(second, timeout=SLOW_MS)
+    expect(view.get_by_text(f"{second} Zoomed")).to_be_visible(timeout=SLOW_MS)
 
 
 def test_bad_head_shows_an_error_in_the_page(page: Page, app_url: str):
     open_atlas(page, app_url)
-    layer = page.locator("#atlas-layer input")
-    layer.fill("40")
-    layer.press("Tab")  # commit the typed value before the click reads it
-    expect(layer).to_have_value("40")
+    head = page.locator("#atlas-head input, #atlas-head textarea")
+    head.fill("40.2")
+    head.press("Tab")  # commit the typed value before the click reads it
+    expect(head).to_have_value("40.2")
     page.locator("#atlas-show").click()
-    expect(page.get_by_text(re.compile(r"Layer 40 does not exist")).first).to_be_visible(timeout=SLOW_MS)
+    expect(page.get_by_text(re.compile(r"Head 40.2 does not exist")).first).to_be_visible(timeout=SLOW_MS)

@@ -200,3 +200,20 @@ def test_laundry_list_prompts_and_accuracy(lab):
     assert result.metric == task.metric and result.higher_is_better and 0.0 <= result.ablated <= 1.0
     with pytest.raises(ValueError, match="at least 2 items"):
         make_task("laundry_list", lab, n_items=1)
+
+
+def test_experiment_config_validates_and_keeps_the_shipped_runs_key(lab):
+    from headlab import store
+    from headlab.circuits.intervention import ChannelExperiment, ChannelExperimentConfig, experiment_path
+
+    with pytest.raises(ValueError, match="control"):
+        ChannelExperimentConfig(control="nowhere")
+    with pytest.raises(ValueError, match="mean, zero"):
+        ChannelExperimentConfig(method="scaled_query")
+    report = hl.channels(lab, sender=PREV_TOKEN_HEAD, receiver=hl.score(lab, "induction").top_heads(5), kind="k", token_directions=0)
+    config = ChannelExperimentConfig()
+    task = make_task(config.task, lab, n=config.n, seed=config.seed)
+    path = experiment_path(lab, report, task, config, sorted({report.n_directions(0.5), report.n_directions(0.9)}))
+    shipped = store.REPO_RUNS / lab.info.slug / path.name  # the tests write to a temporary store
+    assert path.name == "channel-experiment-2d3053be16.json" and shipped.exists()
+    assert ChannelExperiment.load(shipped).params() == store.read_json(shipped)["params"]

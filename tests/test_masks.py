@@ -80,6 +80,20 @@ def test_ideal_kv_bytes_by_hand():
     assert mask.ideal_kv_bytes(100, dtype_bytes=4, d_head=8, batch=3) == 3 * 2 * (2 * 100 + 2 * 20) * 8 * 4
 
 
+def test_kv_memory_against_context_and_the_mask_figure():
+    from headlab.masks import MIB, kv_memory
+
+    mask = HeadMask.from_scores(toy_scores(), full_fraction=0.5, sink=4, recent=16, n_kv_heads=2)
+    memory = kv_memory(mask, TOY, dtype_bytes=2, points=4)
+    frame = memory.to_frame()
+    assert list(frame["context"]) == [16, 32, 48, 64]  # up to the model's n_ctx
+    assert frame["this mask"].iloc[-1] == pytest.approx(2 * (2 * 64 + 2 * 20) * 8 * 2 / MIB)
+    assert (frame["all streaming"] <= frame["this mask"]).all() and (frame["this mask"] <= frame["full cache"]).all()
+    assert "64 tokens" in memory.summary() and "4 + 16" in memory.summary()
+    assert [trace.name for trace in memory.figure().data] == ["full cache", "this mask", "all streaming"]
+    assert mask.figure().data[0].z.tolist() == mask.full.int().T.tolist()
+
+
 def test_json_round_trip(tmp_path):
     mask = HeadMask.from_scores(toy_scores(), full_fraction=0.5, sink=4, recent=16, n_kv_heads=2)
     path = mask.save(tmp_path / "sub" / "mask.json")

@@ -11,7 +11,8 @@ from headlab.datasets import needles
 from headlab.ablation import ablation_hooks
 from headlab.generation import greedy_generate
 from headlab.scorers.retrieval import (
-    copy_hits, retrieval_heads, sample_retrieval_score, topk_jaccard,
+    RETRIEVAL_CURVE, copy_hits, curve_ks, needle_accuracy, retrieval_curve, retrieval_heads, retrieval_summary,
+    sample_retrieval_score, topk_jaccard,
 )
 from headlab.tasks import make_task
 
@@ -140,28 +141,44 @@ def test_ablating_top_retrieval_heads_breaks_the_needle_task_random_heads_do_not
 
 def test_passkey_task_runs_and_reports_accuracy(lab):
     task = make_task("passkey", lab, n=1, lengths=(128,), depths=(0.5,))
-    assert 0.0 <= task.evaluate() <= 1.0
-    answers = task.answers()
-    assert len(answers) == 1 and isinstance(answers[0][0], str)
+    details = task.details()
+    assert 0.0 <= details["value"] <= 1.0 and details["cells"].shape == (1, 1)
+    assert details["cells"].item() == details["value"]
+    assert len(details["answers"]) == 1 and isinstance(details["answers"][0][0], str)
     assert task.reference_tokens().shape == (1, 128)
+
+
+def test_needle_accuracy_grid_intact_vs_top_heads_ablated(lab, fact_scores):
+    """Every cell of the needle task is right intact; with the top-10 retrieval heads ablated the model loses it."""
+    grid = needle_accuracy(lab, fact_scores, k=10)
+    assert grid.intact.shape == grid.ablated.shape == (2, 3)  # [len(lengths), len(depths)] of the run
+    assert grid.intact.mean() >= 0.8 and grid.ablated.mean() <= 0.34, grid.to_frame()
+    frame = grid.to_frame()
+    assert list(frame.columns) == ["length", "depth", "intact", "ablated"] and len(frame) == 6
+    assert len(grid.figure().data) == 2 and "L" in grid.summary()
+
+
+def test_retrieval_curve_reads_its_defaults_once(lab, fact_scores):
+    assert RETRIEVAL_CURVE.ks == (2, 5, 10) and curve_ks(10) == [2, 5, 10]
+    curve = retrieval_curve(lab, fact_scores, ks=[10], n_random=2, n=1)
+    assert curve.task["task"] == "needle" and curve.task["lengths"] == [256]  # the run's shortest length
+    assert curve.top[0] < min(curve.random[0])  # the top-10 heads hurt more than random sets
 
 
 def test_retrieval_tab_builds_and_its_views_render(lab, fact_scores):
     import gradio as gr
 
     from app import retrieval_tab
+    from app.inputs import parse_numbers
     from app.workbench import Workbench
 
     bench = Workbench(lab)
     with gr.Blocks():
-        retrieval_tab.build_retrieval_tab(bench, "lab")
-    assert retrieval_tab.parse_numbers("256, 384", "lengths", int) == [256, 384]
+        tab = retrieval_tab.build_retrieval_tab(bench, "lab")
+    assert tab.lengths.value == "256, 512" and tab.n.value == 3  # the scorer's defaults: the shipped run
+    assert parse_numbers("256, 384", "lengths", int) == [256, 384]
     with pytest.raises(ValueError, match="lengths must be numbers"):
-        retrieval_tab.parse_numbers("256, long", "lengths", int)
-    scores = retrieval_tab.retrieval_scores(bench, "fact", "filler", [256, 384], [0.1, 0.5, 0.9], 1)  # from the store
+        parse_numbers("256, long", "lengths", int)
+    scores = retrieval_tab.retrieval_scores(bench, "fact", "filler", "256, 384", "0.1, 0.5, 0.9", 1)  # from the store
     assert torch.equal(scores.values, fact_scores.values)
-    assert list(retrieval_tab.top_table(scores)["layer"])[:3] == [l for l, _, _ in scores.top(3)]
-    assert "accuracy" in retrieval_tab.summary(scores)
-    intact, ablated = retrieval_tab.accuracy_grids(bench, "fact", "filler", [256], [0.5], scores.top_heads(10), "mean")
-    assert intact.shape == (1, 1) and intact.item() == 1.0 and ablated.item() == 0.0
-    assert retrieval_tab.grid_figure(intact, ablated, [256], [0.5], 10).data
+    assert "accuracy" in retrieval_summary(scores)

@@ -213,12 +213,17 @@ def test_safety_tab_functions(refusal_lab, lab):
     fake.save(store.run_path(refusal_lab.info.slug, "safety", params))
     scores = safety_tab.safety_scores(bench, 2, "scaled_query")
     assert scores.top_heads(2) == [(12, 3), (20, 1)]
-    table = safety_tab.top_table(scores, 5)
-    assert list(table.columns) == safety_tab.TOP_COLUMNS and table.iloc[0]["layer"] == 12
+    assert list(scores.top_frame(5, "ships")["head"][:2]) == ["L12H3", "L20H1"]
     assert "L12H3" in safety_tab.scores_summary(scores)
-    result = safety_tab.refusal_check(bench, scores, 2, 1, task_n=2, n_examples=2, max_new_tokens=TOKENS)
-    assert list(result["table"]["condition"]) == ["intact", "top-1", "top-2", "random-2 #1", "random-2 mean"]
-    assert result["examples"].shape == (2, 3) and result["rates"]["intact"] >= 0.5
+    # The method labels read the defaults from the methods: the paper's epsilon appears, never typed in the tab.
+    assert headlab.scorers.safety.method_label("scaled_query") == "scaled_query (epsilon = 0.001)"
+    result = headlab.scorers.safety.refusal_check(refusal_lab, scores, 2, 1, n=2, n_examples=2, max_new_tokens=TOKENS)
+    assert result.curve.ks == [1, 2] and result.curve.top_heads[-1] == [(12, 3), (20, 1)]
+    assert result.curve.method_params == {"epsilon": scores.params["epsilon"]}
+    assert (12, 3) not in result.curve.random_heads[-1][0] and len(result.curve.random_heads[-1][0]) == 2
+    assert list(result.examples.columns) == ["request", "intact", "top-2 ablated"] and len(result.examples) == 2
+    assert result.rates()["intact"] >= 0.5 and "L12H3, L20H1" in result.summary()
+    assert list(result.to_frame()["k"]) == [1, 2]
     assert "refusal-tuned" in safety_tab.model_note(bench)
     assert "embedded-refusal" in safety_tab.model_note(Workbench(lab))
     with pytest.raises(ValueError):

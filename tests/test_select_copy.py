@@ -200,27 +200,30 @@ def test_mcqa_task_for_ablation(lab):
 def test_select_copy_tab_functions(lab, sc_scores):
     import gradio as gr
 
+    import headlab.scorers.select_copy as sc
     from app import select_copy_tab as tab
     from app.workbench import Workbench
 
     bench = Workbench(lab)
     with gr.Blocks():
         built = tab.build_select_copy_tab(bench, "lab")
-    assert built.score_button is not None
+    assert built.n.value == hl.scorers.scorer_fields("select_copy")["n"] and built.task_n.value == sc.CHECK.n
     scores = tab.select_copy_scores(bench, N_SCORE, 0)  # from the store
     assert torch.equal(scores.values, sc_scores.values)
-    table = tab.top_table(scores, 5)
+    table = sc.validation_frame(scores, 5)
     assert len(table) == 5 and table["val acc (QK)"].is_monotonic_decreasing
-    assert "letter logits" in tab.summary(scores) and "L" in tab.summary(scores)
-    assert tab.accuracy_heatmap(scores, "attn_last", "val").data
-    text, fig = tab.example(bench, scores, 0)
-    assert "Answer **" in text and len(fig.data[0].y) == 4
+    best = scores.meta["best"]["qk_label"]
+    assert table["head"][0] == f"L{best['layer']}H{best['head']}"  # the best on validation ranks first
+    assert "letter logits" in sc.summary(scores) and table["head"][0] in sc.summary(scores)
+    assert sc.accuracy_heatmap(scores, "attn_last", "val").data
+    example = sc.example_question(scores, 0)
+    assert "Answer **" in example.summary() and len(example.figure().data[0].y) == 4
+    assert example.to_frame()["answer"].sum() == 1
     with pytest.raises(ValueError, match="example question"):
-        tab.example(bench, scores, N_SCORE)
-    curve = tab.ablation_check(bench, scores, k=1, n_random=1, task_n=1, method="zero")
-    assert curve.top_heads[0] == [tab.selection_scores(scores).top_heads(1)[0]]
-    summary, frame = tab.check_summary(curve)
-    assert "top-1" in summary and len(frame) == 3
+        sc.example_question(scores, N_SCORE)
+    curve = sc.ablation_check(lab, scores, k=1, n_random=1, n=1, method="zero")
+    assert curve.top_heads[0] == [sc.selection_scores(scores).top_heads(1)[0]]
+    assert curve.task["chat"] is True and list(curve.to_frame()["k"]) == [1]
 
 
 def test_the_shipped_run_shows_no_select_and_copy_head_on_the_embedded_model(lab):

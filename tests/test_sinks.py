@@ -7,7 +7,8 @@ import torch
 import headlab as hl
 from headlab.datasets import domains
 from headlab.scorers.sinks import (
-    classify_dormant, dormancy, head_sink_measures, relative_output, switching_heads, top_switching,
+    classify_dormant, dormancy, dormancy_figure, head_sink_measures, relative_output, sink_summary, switching_frame,
+    switching_heads, top_switching,
 )
 
 
@@ -119,6 +120,18 @@ def test_some_heads_switch_between_domains(sink_scores):
     assert top_switching(sink_scores, 3)
 
 
+def test_sink_views_name_heads_one_way(lab, sink_scores):
+    figure = dormancy_figure(sink_scores)
+    assert len(figure.data[0].y) == lab.info.n_layers * lab.info.n_heads and figure.data[0].y[0] == "L0H0"
+    table = switching_frame(sink_scores)
+    assert len(table) == len(sink_scores.meta["switching_heads"])
+    assert table["head"].tolist()[:3] == [f"L{l}H{h}" for l, h in top_switching(sink_scores, 3)]
+    assert table["domain dependence"].is_monotonic_decreasing
+    wide = switching_frame(sink_scores, 2, per_domain=True)
+    assert len(wide) == 2 and "dormancy code" in wide.columns
+    assert "switch" in sink_summary(sink_scores)
+
+
 def test_sinks_tab_builds_and_renders(lab, sink_scores):
     import gradio as gr
 
@@ -128,11 +141,7 @@ def test_sinks_tab_builds_and_renders(lab, sink_scores):
     bench = Workbench(lab)
     with gr.Blocks():
         tab = sinks_tab.build_sinks_tab(bench, "lab")
-    assert tab.matrix is not None
-    assert sinks_tab.sink_scores(bench, 4, 0).raw["dormancy"].shape == sink_scores.raw["dormancy"].shape
-    assert len(sinks_tab.dormancy_figure(sink_scores).data[0].y) == lab.info.n_layers * lab.info.n_heads
-    table = sinks_tab.switching_table(sink_scores)
-    assert len(table) == len(sink_scores.meta["switching_heads"])
-    assert "switch" in sinks_tab.summary(sink_scores)
-    view = sinks_tab.head_view(bench, 16, 4, "code", 0)
+    assert tab.n.value == 4  # the scorer's default: the stored run answers the first view
+    assert torch.equal(sinks_tab.sink_scores(bench, 4, 0).raw["dormancy"], sink_scores.raw["dormancy"])
+    view = sinks_tab.head_view(bench, "16.4", "code", 0)
     assert view.startswith("<h4>L16H4 on code</h4><iframe")

@@ -202,19 +202,24 @@ def test_successor_tab_functions(lab, continuation):
     bench = Workbench(lab)
     with gr.Blocks():
         tab = successor_tab.build_successor_tab(bench, "lab")
-    assert tab.heatmap is not None
+    assert tab.embedding.value == succ.PAPER_EMBEDDING and tab.k.value == succ.CHECK.ks[0]
     scores = successor_tab.successor_scores(bench)
-    assert list(successor_tab.top_table(scores, 5).columns) == successor_tab.TOP_COLUMNS
-    assert "chance" in successor_tab.summary(scores) and "numbers: all dropped" in successor_tab.summary(scores)
+    assert scores.params == hl.score(lab, "successor").params  # the form's defaults are the stored run's
+    top = scores.top_frame(5, "score")
+    assert list(top["head"]) == [f"L{l}H{h}" for l, h in scores.top_heads(5)]
+    summary = succ.summary(scores)
+    assert "chance" in summary and "numbers: all dropped" in summary and top["head"][0] in summary
     layer, head, _ = scores.top(1)[0]
-    table = successor_tab.per_task_table(scores, layer, head)
+    table = succ.list_accuracy(scores, layer, head)
     assert list(table["list"]) == scores.meta["tasks"]
+    assert table["accuracy"].between(0, 1).all() and (table["chance"] == (1 / table["items"]).round(3)).all()
     items = succ.head_predictions(lab, layer, head)
     scored = items[items["successor"] != ""]
     assert scored["hit"].mean() == pytest.approx(scores.values[layer, head].item())
-    with pytest.raises(ValueError, match="does not exist"):
-        successor_tab.per_task_table(scores, 99, 0)
-    curve = successor_tab.behaviour_check(bench, scores, k=1, n_random=1, n=7, task=continuation)
-    check = successor_tab.check_table(curve)
-    assert list(check["condition"]) == ["intact", "top-1 ablated", "random-1 #1"]
-    assert "intact" in successor_tab.check_summary(curve)
+    with pytest.raises(ValueError, match="L99H0 does not exist"):
+        succ.list_accuracy(scores, 99, 0)
+    curve = succ.behaviour_check(lab, scores, k=1, n_random=1, n=7, task=continuation)
+    assert curve.top_heads[0] == scores.top_heads(1) and curve.random_heads[0][0] != curve.top_heads[0]
+    assert curve.baseline == pytest.approx(continuation.evaluate())
+    frame = curve.to_frame()
+    assert list(frame["k"]) == [1] and frame["top_k"][0] == pytest.approx(curve.top[0])

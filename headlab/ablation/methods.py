@@ -160,6 +160,11 @@ def method_fields(name: str) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(method_class(name))}
 
 
+def parameterless_methods() -> list[str]:
+    """The registered methods that take no parameters (what a form without parameter fields can offer), by name."""
+    return sorted(name for name in METHODS if not method_fields(name))
+
+
 def method_class(name: str) -> type[AblationMethod]:
     if name not in METHODS:
         raise KeyError(f"Unknown ablation method '{name}'. Known: {', '.join(sorted(METHODS))}.")

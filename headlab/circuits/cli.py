@@ -1,6 +1,6 @@
 """`headlab channels`: one pair's SVD channel (and its causal test), or the all-pairs composition map.
 
-    headlab channels 16.0 18.6,17.3,17.4 --kind k [--experiment --task repeated_tokens --n 8]
+    headlab channels L16H0 L18H6,L17H3,L17H4 --kind k [--experiment --task repeated_tokens --n 8]
     headlab channels --map --kind k --top 20 [--layers 10-20]
 
 `headlab/cli.py` wires it in with `add_channels_parser(sub, model_args)`.
@@ -46,7 +46,7 @@ def cmd_channels(args) -> int:
     if args.map:
         return _print_map(lab, args)
     if not args.sender or not args.receivers:
-        raise ValueError("Give a sender and receiver heads, e.g. `headlab channels 16.0 18.6,17.3` (or use --map).")
+        raise ValueError("Give a sender and receiver heads, e.g. `headlab channels L16H0 L18H6,L17H3` (or use --map).")
     sender = parse_heads(args.sender, lab.info)
     if len(sender) != 1:
         raise ValueError(f"Give exactly one sender head; got {args.sender!r}.")
@@ -55,7 +55,7 @@ def cmd_channels(args) -> int:
     path = report.save()
     out = {"summary": report.summary(), "path": str(path), "directions": report.to_frame().head(args.top).to_dict(orient="records")}
     if args.experiment:
-        ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
         exp = channel_experiment(lab, report, args.task, ranks=ranks, n_random=args.n_random, n=args.n, seed=args.seed,
                                  recompute=args.recompute)
         out["experiment"] = {"summary": exp.summary(), "table": exp.to_frame().to_dict(orient="records")}
@@ -73,10 +73,11 @@ def cmd_channels(args) -> int:
 def add_channels_parser(sub, model_args) -> argparse.ArgumentParser:
     """Add the `channels` subcommand to `sub` (the CLI's subparsers); `model_args(p)` adds --model/--device."""
     import headlab as hl
+    from headlab.circuits.intervention import DEFAULTS
 
     p = sub.add_parser("channels", help="SVD channels between heads (Talking Heads) or the composition map")
-    p.add_argument("sender", nargs="?", help="sender head as LAYER.HEAD, e.g. 16.0")
-    p.add_argument("receivers", nargs="*", help="receiver head(s), e.g. 18.6,17.3 (a group is read as one)")
+    p.add_argument("sender", nargs="?", help="sender head, e.g. L16H0 (or 16.0)")
+    p.add_argument("receivers", nargs="*", help="receiver head(s), e.g. L18H6,L17H3 (a group is read as one)")
     model_args(p)
     p.add_argument("--kind", default="k", choices=["q", "k", "v"], help="which input of the receiver the sender feeds")
     p.add_argument("--map", action="store_true", help="print the top pairs of the all-pairs composition map instead")
@@ -84,11 +85,11 @@ def add_channels_parser(sub, model_args) -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="rows to print")
     p.add_argument("--no-fold-ln", action="store_true", help="use the raw W_Q/W_K/W_V (TransformerLens' own scores)")
     p.add_argument("--experiment", action="store_true", help="remove the channel vs random subspaces on --task")
-    p.add_argument("--task", default="repeated_tokens", choices=hl.task_names())
+    p.add_argument("--task", default=DEFAULTS.task, choices=hl.task_names())
     p.add_argument("--ranks", default=None, help="channel ranks, e.g. '8,16' (default: 50%% and 90%% of the composition)")
-    p.add_argument("--n", type=int, default=None, help="task samples")
-    p.add_argument("--n-random", type=int, default=5, help="random subspaces per rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=DEFAULTS.n, help="task samples")
+    p.add_argument("--n-random", type=int, default=DEFAULTS.n_random, help="random subspaces per rank")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--recompute", action="store_true", help="ignore stored runs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_channels)

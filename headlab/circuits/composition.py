@@ -19,7 +19,7 @@ import torch
 from transformer_lens import FactoredMatrix
 
 from headlab import store
-from headlab.heads import Head
+from headlab.heads import Head, HeadGrid, head_label
 from headlab.lab import Lab
 from headlab.circuits.weights import HeadWeights, check_kind, folded_weights
 
@@ -100,7 +100,7 @@ def pair_score(weights: HeadWeights, sender: Head, receiver: Head, kind: str, ro
 
 
 @dataclass
-class CompositionMap:
+class CompositionMap(HeadGrid):
     """Composition scores of one kind for every (earlier sender, later receiver) head pair.
 
     Attributes:
@@ -114,14 +114,6 @@ class CompositionMap:
     values: torch.Tensor
     baseline: dict
     meta: dict = field(default_factory=dict)
-
-    @property
-    def n_layers(self) -> int:
-        return self.values.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.values.shape[1]
 
     @property
     def title(self) -> str:
@@ -171,7 +163,7 @@ class CompositionMap:
         import pandas as pd
 
         rows = [
-            {"sender": f"L{s[0]}H{s[1]}", "receiver": f"L{r[0]}H{r[1]}", "score": round(v, 4), "z_vs_random": round(self.z_score(v), 1)}
+            {"sender": head_label(*s), "receiver": head_label(*r), "score": round(v, 4), "z_vs_random": round(self.z_score(v), 1)}
             for s, r, v in self.top(k, layers)
         ]
         return pd.DataFrame(rows, columns=["sender", "receiver", "score", "z_vs_random"])
@@ -182,25 +174,20 @@ class CompositionMap:
         Pairs whose receiver is not later than the sender are blank. The colour scale starts at
         the random baseline's mean so only pairs above chance light up.
         """
-        import plotly.graph_objects as go
+        from headlab.viz import head_heatmap
 
         keep = self._in_range(layers)
         chosen = torch.nonzero(keep).flatten()
         block = self.values[chosen][:, :, chosen].reshape(len(chosen) * self.n_heads, len(chosen) * self.n_heads)
         valid = self.valid()[chosen][:, :, chosen].reshape(block.shape)
-        z = torch.where(valid, block, torch.tensor(float("nan"))).numpy()
-        labels = [f"L{layer}H{head}" for layer in chosen.tolist() for head in range(self.n_heads)]
-        fig = go.Figure(go.Heatmap(
-            z=z, x=labels, y=labels, colorscale="Viridis", zmin=self.baseline["mean"], zmax=float(block[valid].max()) if valid.any() else 1.0,
-            colorbar={"title": "score"}, hoverongaps=False,
+        labels = [head_label(layer, head) for layer in chosen.tolist() for head in range(self.n_heads)]
+        return head_heatmap(
+            torch.where(valid, block, torch.tensor(float("nan"))),
+            title or f"{self.title} (random matrices: {self.baseline['mean']:.3f} ± {self.baseline['std']:.3f})", "score",
+            x=labels, y=labels, x_title="receiver (later head)", y_title="sender (earlier head)",
             hovertemplate="sender %{y} → receiver %{x}<br>score %{z:.3f}<extra></extra>",
-        ))
-        fig.update_layout(
-            title=title or f"{self.title} (random matrices: {self.baseline['mean']:.3f} ± {self.baseline['std']:.3f})",
-            xaxis_title="receiver (later head)", yaxis_title="sender (earlier head)",
-            height=760, margin={"l": 70, "r": 20, "t": 60, "b": 70},
+            zmin=self.baseline["mean"], zmax=float(block[valid].max()) if valid.any() else 1.0, height=760,
         )
-        return fig
 
     # --- storage -------------------------------------------------------------------------------
 
@@ -233,13 +220,16 @@ def composition_params(kind: str, fold_ln: bool, baseline_samples: int, seed: in
     return {"kind": kind, "fold_ln": fold_ln, "baseline_samples": baseline_samples, "seed": seed}
 
 
+FOLD_LN, BASELINE_SAMPLES, BASELINE_SEED = True, 256, 0  # composition_map's defaults (the stored maps' key)
+
+
 def composition_map(
     lab: Lab,
     kind: str = "k",
     *,
-    fold_ln: bool = True,
-    baseline_samples: int = 256,
-    seed: int = 0,
+    fold_ln: bool = FOLD_LN,
+    baseline_samples: int = BASELINE_SAMPLES,
+    seed: int = BASELINE_SEED,
     recompute: bool = False,
     save: bool = True,
     progress: Callable[[float, str], None] | None = None,
@@ -250,17 +240,24 @@ def composition_map(
     """
     kind = check_kind(kind)
     path = store.run_path(lab.info.slug, "composition", composition_params(kind, fold_ln, baseline_samples, seed))
-    if path.exists() and not recompute:
-        return CompositionMap.load(path)
+    return store.cached_run(path, CompositionMap.load,
+                            lambda: _compute_map(lab, kind, fold_ln, baseline_samples, seed, progress), recompute=recompute, save=save)
+
+
+def stored_map(lab: Lab, kind: str = "k") -> CompositionMap | None:
+    """The stored composition map of `kind` with `composition_map`'s default parameters, or None (nothing computed)."""
+    path = store.run_path(lab.info.slug, "composition", composition_params(check_kind(kind), FOLD_LN, BASELINE_SAMPLES, BASELINE_SEED))
+    return CompositionMap.load(path) if path.exists() else None
+
+
+def _compute_map(lab: Lab, kind: str, fold_ln: bool, baseline_samples: int, seed: int,
+                 progress: Callable[[float, str], None] | None) -> CompositionMap:
     weights = folded_weights(lab, fold_ln)
     values = all_pair_scores(weights.all_ov(), weights.all_readers(kind), progress=progress)
-    result = CompositionMap(
+    return CompositionMap(
         model=lab.info.name, kind=kind, fold_ln=fold_ln, values=values,
         baseline=random_baseline(weights.d_model, weights.W_Q.shape[-1], baseline_samples, seed),
         meta={"group_size": weights.group_size, "n_kv_heads": weights.n_kv_heads,
               "weights": "ln1 weight folded into W_Q/W_K/W_V" if fold_ln else "raw TransformerBridge weights",
               "rotary": "un-rotated W_Q/W_K (relative offset 0)"},
     )
-    if save:
-        result.save(path)
-    return result

@@ -26,14 +26,61 @@ from typing import Callable
 import torch
 
 from headlab import store
-from headlab.heads import Head
+from headlab.ablation.methods import DEFAULT_METHOD, Mean, Zero
+from headlab.activations import Hook, act_name, capture
+from headlab.heads import Head, head_label
 from headlab.lab import Lab
-from headlab.tasks import Hook, Task, make_task
-from headlab.circuits.report import ChannelReport, head_label
+from headlab.tasks import Task, make_task
+from headlab.circuits.report import ChannelReport, group_label
 
-METHODS = ("mean", "zero")
+METHODS = (Mean.name, Zero.name)  # the ablation methods a subspace edit applies: centred on the mean output, or not
 CONTROLS = ("sender_space", "residual")
 FORMAT = "headlab.channel_experiment/v1"
+Progress = Callable[[float, str], None]
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Channel edit method must be one of {', '.join(METHODS)}; got {method!r}.")
+
+
+@dataclass(frozen=True)
+class ChannelExperimentConfig:
+    """What `channel_experiment` runs: the defaults every view (app, CLI, analyses) starts from.
+
+    Fields:
+        task, n: the task measured and its samples (when a name is given; a built `Task` keeps its own).
+        ranks: channel ranks to test (None: the ranks holding 50% and 90% of the composition).
+        n_random: random subspaces per rank, drawn as `control` says ("sender_space" or "residual"), seeded by `seed`.
+        method: "mean" (edit around the sender's mean output) or "zero".
+        scales: factors the largest-rank channel is also scaled by (0 = removed, 2 = doubled).
+        top_variance: also remove the sender's highest-variance output directions of each rank.
+    """
+
+    task: str = "repeated_tokens"
+    n: int | None = 8
+    ranks: tuple[int, ...] | None = None
+    n_random: int = 5
+    seed: int = 0
+    method: str = DEFAULT_METHOD
+    control: str = "sender_space"
+    scales: tuple[float, ...] = (0.5, 2.0)
+    top_variance: bool = True
+
+    def __post_init__(self):
+        check_method(self.method)
+        if self.control not in CONTROLS:
+            raise ValueError(f"Random-subspace control must be one of {', '.join(CONTROLS)}; got {self.control!r}.")
+        if int(self.n_random) < 0:
+            raise ValueError(f"n_random must be 0 or more random subspaces per rank; got {self.n_random}.")
+        if self.n is not None and int(self.n) < 1:
+            raise ValueError(f"n must be at least 1 task sample; got {self.n}.")
+        if self.ranks is not None and any(int(r) < 1 for r in self.ranks):
+            raise ValueError(f"Channel ranks are whole numbers of directions >= 1; got {list(self.ranks)}.")
+
+
+DEFAULTS = ChannelExperimentConfig()
+
 
 
 def orthonormal(basis: torch.Tensor) -> torch.Tensor:
@@ -92,23 +139,21 @@ def sender_stats(lab: Lab, task: Task, sender: Head) -> SenderStats:
     layer, head = sender
     key = ("channel_z_moments", layer)
     if key not in task.memo:
-        name = f"blocks.{layer}.attn.hook_z"
-        _, cache = lab.model.run_with_cache(task.reference_tokens().to(lab.device), names_filter=lambda n: n == name)
-        z = cache[name].float().cpu().flatten(0, 1)  # [batch * pos, head, d_head]
+        name = act_name("z", layer)
+        z = capture(lab, task.reference_tokens(), [name])[name].float().cpu().flatten(0, 1)  # [batch * pos, head, d_head]
         task.memo[key] = (z.mean(0), torch.einsum("nhd,nhe->hde", z, z) / z.shape[0])
     mean, second = task.memo[key]
     return SenderStats(mean_z=mean[head], second_z=second[head], W_O=lab.model.W_O[layer, head].detach().float().cpu())
 
 
-def channel_hooks(lab: Lab, sender: Head, basis: torch.Tensor, *, scale: float = 0.0, method: str = "mean",
+def channel_hooks(lab: Lab, sender: Head, basis: torch.Tensor, *, scale: float = 0.0, method: str = DEFAULT_METHOD,
                   task: Task | None = None) -> list[Hook]:
     """Forward hooks that scale the sender's output inside span(`basis` `[d_model, r]`) by `scale`.
 
     `method="mean"` keeps the sender's mean output in the subspace (needs `task` for its reference
     batch); `"zero"` scales the raw output. Returns TransformerLens `(hook_name, fn)` pairs.
     """
-    if method not in METHODS:
-        raise ValueError(f"Channel edit method must be one of {', '.join(METHODS)}; got {method!r}.")
+    check_method(method)
     if method == "mean" and task is None:
         raise ValueError("method='mean' needs a task: its reference batch defines the sender's mean output.")
     layer, head = sender
@@ -128,7 +173,7 @@ def channel_hooks(lab: Lab, sender: Head, basis: torch.Tensor, *, scale: float =
         basis_ = q.to(out.dtype)
         return out - (1.0 - scale) * ((output @ basis_) @ basis_.T)
 
-    return [(f"blocks.{layer}.attn.hook_z", grab_z), (f"blocks.{layer}.hook_attn_out", edit_output)]
+    return [(act_name("z", layer), grab_z), (act_name("attn_out", layer), edit_output)]
 
 
 def random_subspace(stats: SenderStats, rank: int, control: str, generator: torch.Generator) -> torch.Tensor:
@@ -182,7 +227,7 @@ class ChannelExperiment:
 
     @property
     def label(self) -> str:
-        return f"L{self.sender[0]}H{self.sender[1]} → {head_label(self.receivers)} ({self.kind.upper()}-composition)"
+        return f"{head_label(*self.sender)} → {group_label(self.receivers)} ({self.kind.upper()}-composition)"
 
     def to_frame(self):
         """pandas, one row per rank: the metric and the output energy removed by the channel and the controls."""
@@ -268,96 +313,105 @@ def experiment_params(sender, receivers, kind, fold_ln, task: dict, ranks, n_ran
             "scales": list(scales), "top_variance": top_variance}
 
 
-def experiment_path(lab: Lab, report: ChannelReport, task: Task, ranks, n_random, seed, method, control, scales, top_variance) -> Path:
-    params = experiment_params(report.sender, report.receivers, report.kind, report.fold_ln, task.describe(), ranks, n_random, seed,
-                               method, control, scales, top_variance)
+def experiment_path(lab: Lab, report: ChannelReport, task: Task, config: ChannelExperimentConfig, ranks: list[int]) -> Path:
+    """Where the experiment is stored: keyed by the pair, the task's description and the resolved config."""
+    params = experiment_params(report.sender, report.receivers, report.kind, report.fold_ln, task.describe(), ranks,
+                               config.n_random, config.seed, config.method, config.control, [float(s) for s in config.scales],
+                               config.top_variance)
     return store.run_path(lab.info.slug, "channel-experiment", params)
 
 
 def channel_experiment(
     lab: Lab,
     report: ChannelReport,
-    task: str | Task = "repeated_tokens",
+    task: str | Task | None = None,
     *,
-    ranks: list[int] | None = None,
-    n_random: int = 5,
-    seed: int = 0,
-    method: str = "mean",
-    control: str = "sender_space",
-    scales: tuple[float, ...] = (0.5, 2.0),
-    top_variance: bool = True,
-    n: int | None = None,
     task_params: dict | None = None,
     recompute: bool = False,
     save: bool = True,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
+    **params,
 ) -> ChannelExperiment:
     """Remove `report`'s channel from the sender's output and compare with same-rank controls on `task`.
 
-    Args:
-        ranks: channel ranks to test; default the ranks holding 50% and 90% of the composition.
-        n_random: random subspaces per rank (`control`: "sender_space" or "residual").
-        scales: factors the largest-rank channel is also scaled by (0 = removed, 2 = doubled).
-        top_variance: also remove the sender's highest-variance output directions of each rank.
+    `params`: the `ChannelExperimentConfig` fields (ranks, n_random, seed, method, control, scales,
+    top_variance, n), its defaults otherwise; `task` a name (default the config's) or a built `Task`.
     Stored in `cached_runs/` like ablation curves and read back unless `recompute`.
     """
-    if method not in METHODS:
-        raise ValueError(f"Channel edit method must be one of {', '.join(METHODS)}; got {method!r}.")
-    if control not in CONTROLS:
-        raise ValueError(f"Random-subspace control must be one of {', '.join(CONTROLS)}; got {control!r}.")
-    task = task if isinstance(task, Task) else make_task(task, lab, n=n, seed=seed, **(task_params or {}))
-    ranks = sorted({int(r) for r in (ranks or [report.n_directions(0.5), report.n_directions(0.9)])})
+    config = ChannelExperimentConfig(**({"task": task} if isinstance(task, str) else {}), **params)
+    if not isinstance(task, Task):
+        task = make_task(config.task, lab, n=config.n, seed=config.seed, **(task_params or {}))
+    ranks = sorted({int(r) for r in (config.ranks or [report.n_directions(0.5), report.n_directions(0.9)])})
     for rank in ranks:
         report.channel_indices(rank=rank)  # validates the rank
-    scales = [float(s) for s in scales]
-    path = experiment_path(lab, report, task, ranks, n_random, seed, method, control, scales, top_variance)
-    if path.exists() and not recompute:
-        return ChannelExperiment.load(path)
+    return store.cached_run(experiment_path(lab, report, task, config, ranks), ChannelExperiment.load,
+                            lambda: _run_experiment(lab, report, task, config, ranks, progress), recompute=recompute, save=save)
 
-    steps = 3 + len(ranks) * (1 + n_random + int(top_variance)) + len(scales)
-    done = 0
 
-    def run(hooks: list[Hook], what: str) -> float:
-        nonlocal done
-        value = task.evaluate(hooks)
-        done += 1
-        if progress:
-            progress(done / steps, f"{what} ({done}/{steps})")
+class _Steps:
+    """Evaluates the task under hooks and reports progress over a known number of steps."""
+
+    def __init__(self, task: Task, total: int, progress: Progress | None):
+        self.task, self.total, self.done, self.progress = task, total, 0, progress
+
+    def tick(self, what: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done / self.total, f"{what} ({self.done}/{self.total})")
+
+    def run(self, hooks: list[Hook], what: str) -> float:
+        value = self.task.evaluate(hooks)
+        self.tick(what)
         return value
 
-    centered = method == "mean"
+
+def _measure_rank(steps: _Steps, report: ChannelReport, stats: SenderStats, edit, rank: int,
+                  config: ChannelExperimentConfig) -> dict:
+    """One rank: the channel, `n_random` random subspaces and the top-variance subspace removed, with their energies."""
+    centered = config.method == "mean"
+    indices = report.channel_indices(rank=rank)
+    basis = report.directions[:, indices]
+    generator = torch.Generator().manual_seed(1_000_003 * config.seed + rank)
+    bases = [random_subspace(stats, rank, config.control, generator) for _ in range(config.n_random)]
+    row = {
+        "share": float(report.share[indices].sum()),
+        "channel": steps.run(edit(basis), f"rank-{rank} channel removed"),
+        "energy_channel": stats.energy(basis, centered),
+        "random": [steps.run(edit(b), f"random rank-{rank} subspace {i + 1}") for i, b in enumerate(bases)],
+        "energy_random": [stats.energy(b, centered) for b in bases],
+    }
+    if config.top_variance:
+        top_basis = stats.top_variance(rank, centered)
+        row["top_variance"] = steps.run(edit(top_basis), f"rank-{rank} top-variance subspace removed")
+        row["energy_top_variance"] = stats.energy(top_basis, centered)
+    return row
+
+
+def _run_experiment(lab: Lab, report: ChannelReport, task: Task, config: ChannelExperimentConfig, ranks: list[int],
+                    progress: Progress | None) -> ChannelExperiment:
+    scales = [float(s) for s in config.scales]
+    steps = _Steps(task, 3 + len(ranks) * (1 + config.n_random + int(config.top_variance)) + len(scales), progress)
     if progress:
         progress(0.0, "sender statistics on the reference batch")
     stats = sender_stats(lab, task, report.sender)
-    done += 1
-    edit = lambda basis, scale=0.0: channel_hooks(lab, report.sender, basis, scale=scale, method=method, task=task)  # noqa: E731
-    baseline = run([], "intact")
-    head_removed = run(edit(stats.write_space()), "whole sender removed")
-    shares, channel, random, top_var, e_channel, e_random, e_top = [], [], [], [], [], [], []
-    for rank in ranks:
-        indices = report.channel_indices(rank=rank)
-        basis = report.directions[:, indices]
-        shares.append(float(report.share[indices].sum()))
-        channel.append(run(edit(basis), f"rank-{rank} channel removed"))
-        e_channel.append(stats.energy(basis, centered))
-        generator = torch.Generator().manual_seed(1_000_003 * seed + rank)
-        bases = [random_subspace(stats, rank, control, generator) for _ in range(n_random)]
-        random.append([run(edit(b), f"random rank-{rank} subspace {i + 1}") for i, b in enumerate(bases)])
-        e_random.append([stats.energy(b, centered) for b in bases])
-        if top_variance:
-            top_basis = stats.top_variance(rank, centered)
-            top_var.append(run(edit(top_basis), f"rank-{rank} top-variance subspace removed"))
-            e_top.append(stats.energy(top_basis, centered))
+    steps.tick("sender statistics")
+
+    def edit(basis: torch.Tensor, scale: float = 0.0) -> list[Hook]:
+        return channel_hooks(lab, report.sender, basis, scale=scale, method=config.method, task=task)
+
+    baseline = steps.run([], "intact")
+    head_removed = steps.run(edit(stats.write_space()), "whole sender removed")
+    rows = [_measure_rank(steps, report, stats, edit, rank, config) for rank in ranks]
     scale_rank = ranks[-1]
     scale_basis = report.directions[:, report.channel_indices(rank=scale_rank)]
-    scaled = [run(edit(scale_basis, s), f"rank-{scale_rank} channel ×{s:g}") for s in scales]
-    result = ChannelExperiment(
+    scaled = [steps.run(edit(scale_basis, s), f"rank-{scale_rank} channel ×{s:g}") for s in scales]
+    column = lambda name: [row[name] for row in rows if name in row]  # noqa: E731
+    return ChannelExperiment(
         model=lab.info.name, sender=report.sender, receivers=report.receivers, kind=report.kind, fold_ln=report.fold_ln,
-        task=task.describe(), metric=task.metric, higher_is_better=task.higher_is_better, method=method, control=control,
-        baseline=baseline, head_removed=head_removed, ranks=ranks, shares=shares, channel=channel, random=random,
-        top_variance=top_var, energy_channel=e_channel, energy_random=e_random, energy_top_variance=e_top,
-        scale_rank=scale_rank, scales=scales, scaled=scaled, seed=seed,
+        task=task.describe(), metric=task.metric, higher_is_better=task.higher_is_better, method=config.method,
+        control=config.control, baseline=baseline, head_removed=head_removed, ranks=ranks, shares=column("share"),
+        channel=column("channel"), random=column("random"), top_variance=column("top_variance"),
+        energy_channel=column("energy_channel"), energy_random=column("energy_random"),
+        energy_top_variance=column("energy_top_variance"), scale_rank=scale_rank, scales=scales, scaled=scaled,
+        seed=config.seed,
     )
-    if save:
-        result.save(path)
-    return result

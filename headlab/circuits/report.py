@@ -26,7 +26,7 @@ import torch
 from transformer_lens import FactoredMatrix
 
 from headlab import store
-from headlab.heads import Head
+from headlab.heads import Head, head_label
 from headlab.lab import Lab
 from headlab.circuits.composition import KIND_NAMES
 from headlab.circuits.tokens import direction_tokens
@@ -50,8 +50,9 @@ def as_receivers(receiver) -> list[Head]:
     return heads
 
 
-def head_label(heads: list[Head]) -> str:
-    return "+".join(f"L{layer}H{head}" for layer, head in heads)
+def group_label(heads: list[Head]) -> str:
+    """A receiver group as one name: 'L18H6+L17H3'."""
+    return "+".join(head_label(layer, head) for layer, head in heads)
 
 
 def stacked_reader(weights: HeadWeights, receivers: list[Head], kind: str) -> FactoredMatrix:
@@ -102,7 +103,7 @@ class ChannelReport:
 
     @property
     def pair_label(self) -> str:
-        return f"L{self.sender[0]}H{self.sender[1]} → {head_label(self.receivers)} ({KIND_NAMES[self.kind]})"
+        return f"{head_label(*self.sender)} → {group_label(self.receivers)} ({KIND_NAMES[self.kind]})"
 
     @property
     def order(self) -> list[int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import FactoredMatrix
 
-from headlab.heads import check_head
+from headlab.heads import Head, check_head, head_label
 from headlab.lab import Lab
 
 KINDS = ("q", "k", "v")
@@ -175,14 +175,14 @@ def folded_weights(lab: Lab, fold_ln: bool = True) -> HeadWeights:
     return weights
 
 
-def check_pair(lab: Lab, sender: tuple[int, int], receivers: list[tuple[int, int]]) -> None:
+def check_pair(lab: Lab, sender: Head, receivers: list[Head]) -> None:
     """Heads must exist and every receiver must sit in a later layer than the sender."""
     check_head(lab.info, *sender)
     for receiver in receivers:
         check_head(lab.info, *receiver)
         if receiver[0] <= sender[0]:
             raise ValueError(
-                f"L{receiver[0]}H{receiver[1]} cannot read L{sender[0]}H{sender[1]}: a head only reads what "
+                f"{head_label(*receiver)} cannot read {head_label(*sender)}: a head only reads what "
                 "earlier layers wrote, so the receiver's layer must be greater than the sender's."
             )
 

@@ -11,22 +11,41 @@ model that answers wrong scores little.
 
 Generation (`headlab.generation.greedy_generate`) runs under the bridge's hooks with the KV cache,
 keeping only the newest query's attention row at each step.
+
+Views of a retrieval run: `retrieval_summary(scores)`, `needle_accuracy(lab, scores, k)` (the needle
+task's accuracy per length x depth cell, intact vs the top-k heads ablated, as a `NeedleAccuracy` with
+`figure()` and `to_frame()`) and `retrieval_curve(lab, scores, ks)` (top-k vs random-k on the needle
+task, with the defaults `RETRIEVAL_CURVE` written once here).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from headlab.ablation.curve import DEFAULTS, AblationCurve, Progress, ablation_curve
+from headlab.ablation.engine import ablation_hooks
 from headlab.datasets import needles
 from headlab.generation import answer_budget, answer_is_correct, greedy_generate
-from headlab.heads import Head
+from headlab.heads import Head, format_heads
 from headlab.lab import Lab
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 RETRIEVAL_THRESHOLD = 0.1
+TASK_OF_NEEDLE = {"fact": "needle", "passkey": "passkey"}  # the task that asks for each needle shape
+ABLATE_K = 10  # heads ablated by default: about the number scoring above the threshold on the embedded model
+
+
+def curve_ks(k: int) -> list[int]:
+    """The ks of a retrieval curve up to `k`: a quarter, half and all of it (10 -> [2, 5, 10])."""
+    return sorted({max(1, k // 4), max(1, k // 2), k})
+
+
+# The needle task's top-k vs random-k curve: 2 needles per depth at the run's shortest length (6 prompts
+# of 256 tokens at the defaults); random sets and method as every curve.
+RETRIEVAL_CURVE = replace(DEFAULTS, task=TASK_OF_NEEDLE["fact"], ks=tuple(curve_ks(ABLATE_K)), n=2)
 
 
 def copy_hits(attention: torch.Tensor, prompt_ids: torch.Tensor, generated_id: int, needle_start: int, needle_end: int) -> torch.Tensor:
@@ -115,3 +134,94 @@ class Retrieval(Scorer):
 def retrieval_heads(scores: HeadScores, threshold: float = RETRIEVAL_THRESHOLD) -> list[Head]:
     """The heads scoring above `threshold`, best first."""
     return [(layer, head) for layer, head, value in scores.top(scores.values.numel()) if value > threshold]
+
+
+def retrieval_summary(scores: HeadScores) -> str:
+    """One Markdown sentence: the run's needle and haystack, the model's accuracy, how many heads retrieve, stability."""
+    meta = scores.meta
+    stability = ", ".join(f"{pair}: {value}" for pair, value in meta["stability_across_lengths"].items()) or "one length"
+    return (
+        f"**{scores.params['needle']}** needles in **{scores.params['haystack']}**, {meta['n_samples']} prompts: "
+        f"model accuracy **{meta['accuracy']:.0%}**; {meta['fraction_above_threshold']:.1%} of heads score above "
+        f"{meta['threshold']}; top-{scores.params['stability_k']} Jaccard across lengths — {stability}."
+    )
+
+
+def needle_task_params(scores: HeadScores, shortest: bool = False) -> dict:
+    """The needle task's `haystack`, `lengths`, `depths` of a retrieval run (`shortest`: its shortest length only)."""
+    lengths = list(scores.params["lengths"])
+    return {"haystack": scores.params["haystack"], "lengths": [min(lengths)] if shortest else lengths,
+            "depths": list(scores.params["depths"])}
+
+
+@dataclass
+class NeedleAccuracy:
+    """Needle-task accuracy per (length, depth) cell, intact and with the top-k retrieval heads ablated.
+
+    `intact`, `ablated`: `[len(lengths), len(depths)]` fractions of exact answers.
+    """
+
+    model: str
+    task: str
+    method: str
+    heads: list[Head]
+    lengths: list[int]
+    depths: list[float]
+    intact: torch.Tensor
+    ablated: torch.Tensor
+
+    def to_frame(self):
+        """One row per (length, depth) cell: accuracy intact and ablated."""
+        import pandas as pd
+
+        rows = [{"length": length, "depth": depth, "intact": round(float(self.intact[i, j]), 4),
+                 "ablated": round(float(self.ablated[i, j]), 4)}
+                for i, length in enumerate(self.lengths) for j, depth in enumerate(self.depths)]
+        return pd.DataFrame(rows, columns=["length", "depth", "intact", "ablated"])
+
+    def summary(self) -> str:
+        return (f"**{self.task}** accuracy on {self.model}: intact **{float(self.intact.mean()):.0%}**, with "
+                f"{len(self.heads)} retrieval heads {self.method}-ablated **{float(self.ablated.mean()):.0%}** "
+                f"({format_heads(self.heads)}).")
+
+    def figure(self):
+        """Plotly: two length x depth heatmaps side by side, intact and ablated."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=["intact", f"top-{len(self.heads)} retrieval heads ablated"])
+        for col, grid in enumerate((self.intact, self.ablated), 1):
+            fig.add_trace(go.Heatmap(
+                z=grid.numpy(), x=[str(d) for d in self.depths], y=[str(n) for n in self.lengths], zmin=0, zmax=1,
+                colorscale="RdYlGn", showscale=col == 2,
+                hovertemplate="length %{y}, depth %{x}<br>accuracy %{z:.2f}<extra></extra>",
+            ), row=1, col=col)
+            fig.update_xaxes(title_text="needle depth", type="category", row=1, col=col)
+            fig.update_yaxes(title_text="context length", type="category", row=1, col=col)
+        fig.update_layout(height=360, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+        return fig
+
+
+def needle_accuracy(lab: Lab, scores: HeadScores, k: int = ABLATE_K, method: str = DEFAULTS.method) -> NeedleAccuracy:
+    """The needle task of `scores`' needle, haystack, lengths and depths (one new needle per cell), intact and
+    with the top-`k` heads of `scores` ablated by `method`."""
+    from headlab.tasks import make_task
+
+    task = make_task(TASK_OF_NEEDLE[scores.params["needle"]], lab, n=1, **needle_task_params(scores))
+    heads = scores.top_heads(k)
+    intact, ablated = task.details()["cells"], task.details(ablation_hooks(lab, heads, method, task))["cells"]
+    params = needle_task_params(scores)
+    return NeedleAccuracy(model=lab.info.name, task=task.name, method=str(method), heads=heads, lengths=params["lengths"],
+                          depths=params["depths"], intact=intact, ablated=ablated)
+
+
+def retrieval_curve(
+    lab: Lab, scores: HeadScores, ks=RETRIEVAL_CURVE.ks, *, method: str = RETRIEVAL_CURVE.method,
+    n_random: int = RETRIEVAL_CURVE.n_random, n: int = RETRIEVAL_CURVE.n, recompute: bool = False,
+    progress: Progress | None = None,
+) -> AblationCurve:
+    """Top-k retrieval heads vs random k-head sets on the task of `scores`' needle, at its shortest length
+    (read from the store when there)."""
+    return ablation_curve(lab, scores, TASK_OF_NEEDLE[scores.params["needle"]], ks, method=method, n_random=n_random,
+                          n=n, task_params=needle_task_params(scores, shortest=True), recompute=recompute,
+                          progress=progress)

@@ -21,6 +21,7 @@ Needs a model that refuses: the embedded model does not; load "embedded-refusal"
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,16 +29,18 @@ from pathlib import Path
 import torch
 
 from headlab import scan, store
-from headlab.ablation.engine import method_state
+from headlab.ablation.curve import AblationCurve, CurveConfig, ablation_curve
+from headlab.ablation.engine import ablation_hooks, method_state
 from headlab.ablation.methods import AblationMethod, ScaledQuery, by_layer, make_method, method_fields
 from headlab.activations import kl_divergence
 from headlab.datasets import requests
-from headlab.heads import Head, all_heads, head_label
+from headlab.heads import Head, all_heads, format_heads, head_label
 from headlab.lab import Lab
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 SAHARA_OBJECTIVES = ("kl", "refusal_prob")
+SHIPS_METHODS = ("scaled_query", "zero")  # the paper's ablation, and zeroing the head's output
 
 
 def chat_ids(lab: Lab, request: str) -> list[int]:
@@ -184,7 +187,7 @@ class Sahara(Safety):
 
     def ships(self) -> Safety:
         """The Ships scorer on the same requests and ablation, which ranks the candidates."""
-        return Safety(**{f: getattr(self, f) for f in Safety.__dataclass_fields__})
+        return Safety(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Safety)})
 
 
 @dataclass
@@ -305,3 +308,80 @@ def _search(lab: Lab, config: Sahara, scores: HeadScores, chunk: int | None, pro
             progress((step + 1) / config.k, f"Sahara step {step + 1}/{config.k}: added {head_label(*left[best])}")
     return SaharaResult(model=info.name, heads=group, curve=curve, objective=config.objective, method=method.name,
                         epsilon=config.epsilon, candidates=candidates, n_requests=len(chosen), params=key)
+
+
+# --- the refusal check ---------------------------------------------------------------------------
+
+# Refusal rate on held-out harmful requests with the top-1 and top-k Ships heads vs random k-head sets ablated.
+CHECK = CurveConfig(task="refusal", ks=(4,), n_random=3, n=12)
+FEW_REFUSALS = 0.5  # below this intact refusal rate there is little refusal to remove
+
+
+def method_label(method: str) -> str:
+    """An ablation method as a view names it, its defaults read from the method: 'scaled_query (epsilon = 0.001)'."""
+    fields = method_fields(method)
+    return method + (f" ({', '.join(f'{k} = {v:g}' for k, v in fields.items())})" if fields else "")
+
+
+def ships_ablation(scores: HeadScores) -> AblationMethod:
+    """The ablation method (with its parameters) a Ships run used."""
+    return Safety(**{k: v for k, v in scores.params.items() if k in Safety.__dataclass_fields__}).ablation()
+
+
+def answers_side_by_side(lab: Lab, prompts: list[str], head_sets: dict[str, list[Head]], method: AblationMethod,
+                         max_new_tokens: int):
+    """The greedy answer to each request with each head set ablated (an empty set: intact): one column per set."""
+    import pandas as pd
+
+    from headlab.tasks import make_task
+
+    task = make_task("refusal", lab, n=len(prompts), prompts=prompts, max_new_tokens=max_new_tokens)
+    columns = {name: task.answers(ablation_hooks(lab, heads, method, task)) for name, heads in head_sets.items()}
+    return pd.DataFrame({"request": prompts, **columns})
+
+
+@dataclass
+class RefusalCheck:
+    """The refusal curve (top-1 and top-k Ships heads vs random sets) and a few answers side by side."""
+
+    curve: AblationCurve
+    examples: "pandas.DataFrame"  # noqa: F821
+
+    @property
+    def k(self) -> int:
+        return self.curve.ks[-1]
+
+    def rates(self) -> dict[str, float]:
+        c = self.curve
+        return {"intact": c.baseline, "top1": c.top[0], "topk": c.top[-1], "random_mean": c.random_mean[-1]}
+
+    def to_frame(self):
+        return self.curve.to_frame()
+
+    def figure(self):
+        return self.curve.figure()
+
+    def summary(self) -> str:
+        c, r = self.curve, self.rates()
+        text = (f"Refusal rate on {c.task['n']} held-out harmful requests ({c.method}-ablation, greedy "
+                f"{c.task['max_new_tokens']} tokens): intact **{r['intact']:.2f}**, top-1 Ships head ablated "
+                f"**{r['top1']:.2f}**, top-{self.k} ({format_heads(c.top_heads[-1])}) **{r['topk']:.2f}**, random {self.k} "
+                f"heads **{r['random_mean']:.2f}** (mean of {len(c.random[-1])}).")
+        if r["intact"] < FEW_REFUSALS:
+            text += " The intact model refuses few of these requests, so there is little refusal to remove."
+        return text
+
+
+def refusal_check(lab: Lab, scores: HeadScores, k: int = CHECK.ks[0], n_random: int = CHECK.n_random, *,
+                  n: int | None = CHECK.n, n_examples: int = 3, seed: int = 0, max_new_tokens: int | None = None,
+                  progress=None) -> RefusalCheck:
+    """Ablate the top-1 and top-k heads of a Ships run and random k-head sets (the run's own ablation) on the
+    "refusal" task (a stored `ablation_curve`), and show the first `n_examples` answers intact and top-k ablated."""
+    method = ships_ablation(scores)
+    task_params = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    curve = ablation_curve(lab, scores, CHECK.task, ks=sorted({1, int(k)}), method=method.name, n_random=n_random, n=n,
+                           seed=seed, task_params=task_params, method_params=method.params(), progress=progress)
+    shown = choose_requests(None, curve.task["n"], seed, curve.task["split"])[:n_examples]
+    examples = answers_side_by_side(lab, shown, {"intact": [], f"top-{k} ablated": curve.top_heads[-1]}, method,
+                                    curve.task["max_new_tokens"])
+    return RefusalCheck(curve=curve, examples=examples)

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from headlab.ablation.curve import AblationCurve, CurveConfig, ablation_curve
 from headlab.activations import act_name, capturing, layer_names
 from headlab.datasets import mcqa
+from headlab.heads import Head, head_label
 from headlab.lab import Lab
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
@@ -103,7 +105,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[:n_val]), sorted(order[n_val:])
 
 
-def best_head(acc: torch.Tensor) -> tuple[int, int]:
+def best_head(acc: torch.Tensor) -> Head:
     """`(layer, head)` of the highest entry of `[layers, heads]` (the first, layer-major, on ties)."""
     flat = int(torch.argmax(acc.flatten()))
     return flat // acc.shape[1], flat % acc.shape[1]
@@ -218,3 +220,122 @@ class SelectCopy(Scorer):
                 "best": best,
                 "example": prompts[test[0] if test else 0].text,
         })
+
+
+# --- what a view shows -----------------------------------------------------------------------
+
+# The ablation check: the mcqa task (fresh questions) with the top-k heads vs random k-head sets ablated.
+CHECK = CurveConfig(task="mcqa", ks=(3,), n_random=3, n=16)
+TOP_COLUMNS = {"val_qk_label": "val acc (QK)", "test_qk_label": "test acc (QK)", "test_attn_label": "test acc (attention)",
+               "test_qk_norope_label": "test acc (QK, no rotary)"}
+
+
+def validation_frame(scores: HeadScores, k: int = 12):
+    """The `k` best heads by validation QK accuracy (ties: layer-major order, test-blind), with their test accuracies."""
+    import pandas as pd
+
+    ranked = HeadScores(kind=scores.kind, model=scores.model, params=scores.params, values=scores.raw["val_qk_label"])
+    rows = [{"rank": rank, "head": head_label(layer, head),
+             **{column: round(float(scores.raw[key][layer, head]), 3) for key, column in TOP_COLUMNS.items()}}
+            for rank, (layer, head, _) in enumerate(ranked.top(k), 1)]
+    return pd.DataFrame(rows, columns=["rank", "head", *TOP_COLUMNS.values()])
+
+
+def accuracy_heatmap(scores: HeadScores, variant: str = "qk_label", split: str = "test"):
+    """Heads' accuracy (`variant`, `split`) as a layer x head heatmap, with chance and the model's own accuracy in the title."""
+    from headlab.viz import head_heatmap
+
+    meta = scores.meta
+    return head_heatmap(scores.raw[f"{split}_{variant}"], f"{VARIANT_TEXT[variant]}, {split} accuracy — chance "
+                        f"{meta['chance']:.2f}, model's letter logits {meta['logits_accuracy'][split]:.2f}", "accuracy",
+                        zmin=0, zmax=1, hovertemplate="L%{y}H%{x}<br>accuracy %{z:.3f}<extra></extra>")
+
+
+def summary(scores: HeadScores) -> str:
+    """Markdown: the questions, the model's own accuracy, and per reading the best head on validation with its test accuracy."""
+    meta, best = scores.meta, scores.meta["best"]
+    logits = meta["logits_accuracy"]
+    lines = [
+        f"**{meta['n_samples']} questions** ({meta['format']}; {meta['n_val']} validation / {meta['n_test']} test), "
+        f"chance {meta['chance']:.2f}. The model's own answer (letter logits): validation **{logits['val']:.2f}**, "
+        f"test **{logits['test']:.2f}** (letters it picked: {meta['logits_prediction_counts']}).",
+        "",
+        "| reading | best head on validation | validation | test | best test of any head (optimistic) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        b = best[variant]
+        lines.append(f"| {VARIANT_TEXT[variant]} | {head_label(b['layer'], b['head'])} | {b['val']:.2f} | {b['test']:.2f} | "
+                     f"{b['best_test_any_head']:.2f} |")
+    lines.append("\nQK-score and attention weight rank the options of one head identically (softmax is monotone), so their rows agree.")
+    return "\n".join(lines)
+
+
+@dataclass
+class ExampleQuestion:
+    """One test question and the best-on-validation head's QK-score `[n_options]` per option, vs the model's letter logits."""
+
+    index: int
+    question: mcqa.Question
+    head: Head
+    qk: list[float]
+    letter_logits: list[float]
+
+    @property
+    def letters(self) -> list[str]:
+        return list(mcqa.LETTERS[: len(self.question.options)])
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"option": self.letters, "text": self.question.options, "QK-score": self.qk,
+                             "letter logit": self.letter_logits,
+                             "answer": [i == self.question.answer for i in range(len(self.letters))]})
+
+    def summary(self) -> str:
+        letters, label = self.letters, head_label(*self.head)
+        head_pick = letters[max(range(len(self.qk)), key=self.qk.__getitem__)]
+        model_pick = letters[max(range(len(self.letter_logits)), key=self.letter_logits.__getitem__)]
+        options = "\n".join(f"- **{l}.** {o}{'  ✓' if i == self.question.answer else ''}"
+                            for i, (l, o) in enumerate(zip(letters, self.question.options)))
+        return (f"**Test question {self.index}** — {self.question.question}\n\n{options}\n\nAnswer "
+                f"**{self.question.answer_letter}**; head {label} picks **{head_pick}**, the model's letter logits pick **{model_pick}**.")
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        label = head_label(*self.head)
+        colours = ["crimson" if i == self.question.answer else "steelblue" for i in range(len(self.letters))]
+        fig = go.Figure(go.Bar(x=[f"{l}. {o}" for l, o in zip(self.letters, self.question.options)], y=self.qk,
+                               marker_color=colours, name=f"{label} QK-score"))
+        fig.update_layout(title=f"{label}: QK-score of the final query on each option's label (red = answer)",
+                          yaxis_title="pre-softmax score", height=340, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+        return fig
+
+
+def example_question(scores: HeadScores, index: int) -> ExampleQuestion:
+    """Test question number `index` of a select_copy run, read by its best head on validation (QK at the labels)."""
+    test = [i for i, flag in enumerate(scores.raw["is_test"].tolist()) if flag]
+    if not 0 <= index < len(test):
+        raise ValueError(f"example question must be between 0 and {len(test) - 1} (the test split); got {index}.")
+    row, params = test[index], scores.params
+    question = mcqa.questions_for(params["dataset"], params["n"], params["seed"], params["categories"])[row]
+    best = scores.meta["best"]["qk_label"]
+    n_options = len(question.options)
+    return ExampleQuestion(index=index, question=question, head=(best["layer"], best["head"]),
+                           qk=scores.raw["scores_qk_label"][row, best["layer"], best["head"], :n_options].tolist(),
+                           letter_logits=scores.raw["letter_logits"][row, :n_options].tolist())
+
+
+def selection_scores(scores: HeadScores) -> HeadScores:
+    """The heads to ablate: accuracy over all scored questions (the check runs on other, fresh questions)."""
+    return HeadScores(kind=scores.kind, model=scores.model, params={**scores.params, "rank_by": "all_qk_label"},
+                      values=scores.raw["all_qk_label"].clone(), meta={"metric": "accuracy over all scored questions"})
+
+
+def ablation_check(lab: Lab, scores: HeadScores, k: int = CHECK.ks[0], n_random: int = CHECK.n_random,
+                   n: int | None = CHECK.n, method: str = CHECK.method, progress=None) -> AblationCurve:
+    """The mcqa task (in the run's format) intact, with the top-k heads of `selection_scores` and `n_random` random
+    k-head sets ablated: a stored curve whose `to_frame()`, `figure()` and `summary()` a view shows."""
+    return ablation_curve(lab, selection_scores(scores), CHECK.task, ks=[k], method=method, n_random=n_random, n=n,
+                          task_params={"chat": bool(scores.params["chat"])}, progress=progress)

@@ -15,6 +15,10 @@ and writes nothing, 0 for one that attends elsewhere or writes as much as an act
 `hl.score(lab, "sink", domain="prose")`: values = dormancy on `domain`; `raw` holds every measure
 for every domain (`[domain, layer, head]`, residual ones `[domain, layer]`); `meta["domains"]`
 names the first axis.
+
+Views of a sink run: `dormancy_figure(scores)` (head x domain heatmap), `switching_frame(scores)`
+(the heads that switch between dormant and active), `sink_summary(scores)`, and `domain_text` (a
+sample of a domain to look at one head's pattern on).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 
 from headlab.activations import act_name, capture, layer_names
 from headlab.datasets import domains as domain_data
-from headlab.heads import Head
+from headlab.heads import Head, head_label
 from headlab.lab import Lab
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
@@ -185,3 +189,55 @@ def top_switching(scores: HeadScores, k: int = 10) -> list[Head]:
     heads = [(row["layer"], row["head"]) for row in scores.meta["switching_heads"]]
     dependence = scores.raw["domain_dependence"]
     return sorted(heads, key=lambda h: -float(dependence[h]))[:k]
+
+
+def dormancy_figure(scores: HeadScores):
+    """Plotly heatmap: one row per head (`L18H6`, layer 0 at the top), one column per domain, colour = dormancy."""
+    from headlab.viz import head_heatmap
+
+    matrix = scores.raw["dormancy"].flatten(1).T  # [layer * head, domain]
+    labels = [head_label(layer, head) for layer in range(scores.n_layers) for head in range(scores.n_heads)]
+    fig = head_heatmap(
+        matrix, f"Dormancy of every head per domain — {scores.model}", "dormancy", x=scores.meta["domains"], y=labels,
+        x_title="domain", y_title="head", zmin=0, zmax=1, height=1400,
+        hovertemplate="%{y} on %{x}<br>dormancy %{z:.3f}<extra></extra>",
+    )
+    fig.update_layout(yaxis={"autorange": "reversed"})
+    return fig
+
+
+def switching_frame(scores: HeadScores, k: int | None = None, per_domain: bool = False):
+    """pandas: the `k` (default all) switching heads, most domain-dependent first: `head`, `dormant on`,
+    `active on`, `domain dependence` (and with `per_domain`, a `dormancy <domain>` column per domain)."""
+    import pandas as pd
+
+    by_head = {(row["layer"], row["head"]): row for row in scores.meta["switching_heads"]}
+    names = scores.meta["domains"]
+    rows = []
+    for layer, head in top_switching(scores, len(by_head) if k is None else k):
+        row = {"head": head_label(layer, head), "dormant on": ", ".join(by_head[layer, head]["dormant_on"]),
+               "active on": ", ".join(by_head[layer, head]["active_on"]),
+               "domain dependence": round(float(scores.raw["domain_dependence"][layer, head]), 3)}
+        if per_domain:
+            row.update({f"dormancy {d}": round(float(v), 2) for d, v in zip(names, scores.raw["dormancy"][:, layer, head])})
+        rows.append(row)
+    columns = ["head", "dormant on", "active on", "domain dependence", *([f"dormancy {d}" for d in names] if per_domain else [])]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sink_summary(scores: HeadScores) -> str:
+    """One Markdown paragraph: dormant heads and mean attention on the first token per domain, and how many heads switch."""
+    counts = ", ".join(f"{d}: {c}" for d, c in scores.meta["n_dormant"].items())
+    mass = scores.raw["sink_mass"].mean(dim=(1, 2))
+    masses = ", ".join(f"{d}: {float(m):.2f}" for d, m in zip(scores.meta["domains"], mass))
+    return (
+        f"**Dormant heads** per domain (of {scores.n_layers * scores.n_heads}) — {counts}. "
+        f"**Mean attention on the first token** — {masses}. "
+        f"**{len(scores.meta['switching_heads'])} heads switch** between dormant and active."
+    )
+
+
+def domain_text(lab: Lab, domain: str, n_tokens: int, seed: int = 0) -> str:
+    """A sample of `domain` of `n_tokens` tokens as text (its leading BOS dropped: a view adds it back)."""
+    tokens = domain_data.domain_tokens(lab, domain, 1, n_tokens, seed)[0, 1:]
+    return lab.tokenizer.decode(tokens)

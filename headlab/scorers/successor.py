@@ -38,14 +38,19 @@ from typing import Callable
 
 import torch
 
+from headlab.ablation.curve import AblationCurve, CurveConfig, ablation_curve
 from headlab.datasets import ordinals
-from headlab.heads import check_head
+from headlab.heads import Head, check_head, head_label
 from headlab.lab import Lab
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
+from headlab.tasks import Task
+from headlab.tasks.successor import SuccessorTask
 
 EMBEDDINGS = ("mlp0", "embed+mlp0", "embed", "attn0+mlp0", "block0")
 PAPER_EMBEDDING = "mlp0"
+# The behavioural check: continuation accuracy with the top-k heads vs random k-head sets ablated.
+CHECK = CurveConfig(task=SuccessorTask.name, ks=(3,), n_random=5, n=SuccessorTask.default_n)
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -158,7 +163,7 @@ def effective_embedding(parts: ModelParts, token_ids: torch.Tensor, embedding: s
 
 def succession_logits(
     parts: ModelParts, tasks: list[ordinals.OrdinalTask], *, embedding: str = PAPER_EMBEDDING,
-    final_norm: bool = True, center: bool = False, heads: list[tuple[int, int]] | None = None,
+    final_norm: bool = True, center: bool = False, heads: list[Head] | None = None,
 ) -> list[torch.Tensor]:
     """Per task, the logits over the task's own items `[layer, head, item_in, item_out]`.
 
@@ -304,3 +309,52 @@ def head_predictions(lab: Lab, layer: int, head: int, **params):
             rows.append({"task": task.name, "item": item, "predicted": task.items[int(predicted[i])],
                          "successor": task.items[succ] if succ >= 0 else "", "hit": bool(succ >= 0 and int(predicted[i]) == succ)})
     return pd.DataFrame(rows)
+
+
+def summary(scores: HeadScores) -> str:
+    """Markdown: the variant, the best head against chance, the lists used and what was dropped."""
+    meta = scores.meta
+    layer, head, best = scores.top(1)[0]
+    total = sum(meta["n_scored"].values())
+    lists = ", ".join(f"{name} ({len(meta['items'][name])})" for name in meta["tasks"])
+    dropped = "; ".join(
+        f"{name}: {'all' if name not in meta['items'] else len(items)} dropped" for name, items in meta["dropped"].items() if items
+    )
+    variant = meta["variant"]
+    verdict = (
+        "well above chance" if best >= max(0.5, 3 * meta["chance"])
+        else "no head is clearly above chance (the best of many heads at chance reaches about twice chance)"
+    )
+    return (
+        f"**Succession score** of {scores.model}: effective embedding `{variant['embedding']}`, final norm "
+        f"{'on' if variant['final_norm'] else 'off'}, centring {'on' if variant['center'] else 'off'}, argmax over "
+        f"{'the other items' if variant.get('exclude_self') else 'all items'}"
+        f"{' (the paper’s variant)' if variant.get('paper') else ''}. Best head **{head_label(layer, head)}** ({best:.3f}) over "
+        f"{total} items; chance {meta['chance']:.3f} — {verdict}.\n\nLists: {lists}."
+        + (f" Not single tokens: {dropped}." if dropped else "")
+    )
+
+
+def list_accuracy(scores: HeadScores, layer: int, head: int):
+    """One head's accuracy on each ordinal list, with the list's size and chance: a DataFrame, one row per list."""
+    import pandas as pd
+
+    if not (0 <= layer < scores.n_layers and 0 <= head < scores.n_heads):
+        raise ValueError(f"Head {head_label(layer, head)} does not exist: layers 0-{scores.n_layers - 1}, heads 0-{scores.n_heads - 1}.")
+    per_task, chance = scores.raw["per_task"], scores.raw["chance"]
+    return pd.DataFrame(
+        [{"list": name, "items": len(scores.meta["items"][name]), "accuracy": round(float(per_task[t, layer, head]), 3),
+          "chance": round(float(chance[t]), 3)} for t, name in enumerate(scores.meta["tasks"])]
+    )
+
+
+def behaviour_check(lab: Lab, scores: HeadScores, k: int = CHECK.ks[0], n_random: int = CHECK.n_random,
+                    n: int | None = CHECK.n, method: str = CHECK.method, task: Task | None = None,
+                    progress=None) -> AblationCurve:
+    """Continuation accuracy intact, with the top-k heads of `scores` ablated, and with `n_random` random k-sets.
+
+    `task` (a built "successor" task) is used instead of building one of `n` prompts. Stored like any curve:
+    its `to_frame()`, `figure()` and `summary()` are what a view shows.
+    """
+    return ablation_curve(lab, scores, task=task or CHECK.task, ks=[k], method=method, n_random=n_random, n=n,
+                          progress=progress)

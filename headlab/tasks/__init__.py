@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
+from functools import cached_property
 
 import torch
 
@@ -56,6 +57,41 @@ class Task(ABC):
     @abstractmethod
     def reference_tokens(self) -> torch.Tensor:
         """`[batch, pos]` tokens whose activations define 'mean' for mean ablation."""
+
+
+class NextTokenTask(Task):
+    """A task read from the next-token logits after same-length prompts.
+
+    Subclasses set `self.tokens` `[n, pos]` and `self.batch_size`, implement `_build(seed)` (its second
+    element: the tokens of `n` prompts drawn with `seed`) and set `reference_offset`, so the mean-ablation
+    reference batch is other prompts of the same kind (seed `reference_offset + seed`).
+    """
+
+    reference_offset: int = 0
+
+    def _build(self, seed: int) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} must define _build(seed)")
+
+    @cached_property
+    def _reference(self) -> torch.Tensor:
+        return self._build(self.reference_offset + self.seed)[1]
+
+    def reference_tokens(self) -> torch.Tensor:
+        return self._reference
+
+    def final_logits(self, hooks: list[Hook] | None = None) -> torch.Tensor:
+        """Next-token logits after each prompt, `[n, d_vocab]`, with `hooks` active."""
+        return last_logits(self.lab, self.tokens, self.batch_size, hooks)
+
+
+@torch.no_grad()
+def last_logits(lab: Lab, tokens: torch.Tensor, batch_size: int, hooks: list[Hook] | None = None) -> torch.Tensor:
+    """Next-token logits at the last position of `tokens` `[n, pos]` (same-length prompts), `[n, d_vocab]`, with `hooks` active."""
+    out = []
+    with lab.model.hooks(fwd_hooks=hooks or []):
+        for batch in tokens.split(batch_size):
+            out.append(lab.model(batch.to(lab.device), return_type="logits")[:, -1].float().cpu())
+    return torch.cat(out)
 
 
 def register(cls: type[Task]) -> type[Task]:

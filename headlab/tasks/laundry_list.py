@@ -12,11 +12,10 @@ prompts of one `n_items` have the same length and run as one batch.
 from __future__ import annotations
 
 import random
-from functools import cached_property
 
 import torch
 
-from headlab.tasks import Hook, Task, register
+from headlab.tasks import Hook, NextTokenTask, register
 
 ITEMS = (
     "apples bananas bread butter cheese eggs flour honey jam lemons milk onions pasta rice salt sugar tea coffee "
@@ -39,7 +38,7 @@ def laundry_prompt(name: str, items: list[str], done: list[str]) -> str:
 
 
 @register
-class LaundryList(Task):
+class LaundryList(NextTokenTask):
     """Accuracy at naming the list item that was not bought, among the list's own items.
 
     Params:
@@ -48,6 +47,7 @@ class LaundryList(Task):
     """
 
     name = "laundry_list"
+    reference_offset = 30_000
     metric = "accuracy (the missing item ranks first among the list's items)"
     higher_is_better = True
     default_n = 32
@@ -96,35 +96,22 @@ class LaundryList(Task):
             raise ValueError(f"Laundry-list prompts tokenized to different lengths {sorted(lengths)}.")
         return prompts, torch.stack(rows), torch.tensor(candidates), torch.tensor(targets)
 
-    @cached_property
-    def _reference(self) -> torch.Tensor:
-        return self._build(30_000 + self.seed)[1]
-
-    def reference_tokens(self) -> torch.Tensor:
-        return self._reference
 
     # --- measuring -------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def final_logits(self, hooks: list[Hook] | None = None) -> torch.Tensor:
-        """Next-token logits after the cue, `[n, d_vocab]`, with `hooks` active."""
-        out = []
-        with self.lab.model.hooks(fwd_hooks=hooks or []):
-            for batch in self.tokens.split(self.batch_size):
-                logits = self.lab.model(batch.to(self.lab.device), return_type="logits")
-                out.append(logits[:, -1].float().cpu())
-        return torch.cat(out)
 
     def details(self, hooks: list[Hook] | None = None) -> dict:
-        """Accuracy among the list's items, full-vocabulary top-1 accuracy, mean logit margin, chance."""
+        """`value` = accuracy among the list's items; also full-vocabulary top-1 accuracy, mean logit margin, chance."""
         logits = self.final_logits(hooks)
         rows = torch.arange(len(logits))
         item_logits = logits.gather(1, self.candidates)  # [n, n_items]
         target_logit = item_logits[rows, self.targets]
         others = item_logits.clone()
         others[rows, self.targets] = float("-inf")
+        accuracy = float((item_logits.argmax(1) == self.targets).float().mean())
         return {
-            "accuracy": float((item_logits.argmax(1) == self.targets).float().mean()),
+            "value": accuracy,
+            "accuracy": accuracy,
             "top1_accuracy": float((logits.argmax(1) == self.candidates[rows, self.targets]).float().mean()),
             "logit_margin": float((target_logit - others.max(1).values).mean()),
             "chance": 1.0 / self.n_items,
@@ -132,4 +119,4 @@ class LaundryList(Task):
         }
 
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
-        return self.details(hooks)["accuracy"]
+        return self.details(hooks)["value"]

@@ -59,12 +59,14 @@ class MCQA(Task):
         return mcqa.letter_logits(self.lab, self.prompts, hooks, self.batch_size)
 
     def details(self, hooks: list[Hook] | None = None) -> dict:
-        """Accuracy, mean probability of the right letter among the letters, predicted-letter counts, chance."""
+        """`value` = accuracy; also the mean probability of the right letter among the letters, predicted-letter counts, chance."""
         letters = self.letter_logits(hooks)
         probs = letters.softmax(-1)
         rows = torch.arange(len(letters))
+        accuracy = float((letters.argmax(-1) == self.answers).float().mean())
         return {
-            "accuracy": float((letters.argmax(-1) == self.answers).float().mean()),
+            "value": accuracy,
+            "accuracy": accuracy,
             "p_correct": float(probs[rows, self.answers].mean()),
             "predicted": torch.bincount(letters.argmax(-1), minlength=letters.shape[1]).tolist(),
             "chance": 1.0 / letters.shape[1],
@@ -72,4 +74,4 @@ class MCQA(Task):
         }
 
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
-        return self.details(hooks)["accuracy"]
+        return self.details(hooks)["value"]

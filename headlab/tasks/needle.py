@@ -41,17 +41,18 @@ class _NeedleTask(Task):
             out.append((self.lab.tokenizer.decode(generated), answer_is_correct(self.lab, generated, sample.needle.answer)))
         return out
 
-    def cell_accuracy(self, hooks: list[Hook] | None = None) -> torch.Tensor:
-        """`[len(lengths), len(depths)]` accuracy per cell with `hooks` active (the heatmap's data)."""
+    def details(self, hooks: list[Hook] | None = None) -> dict:
+        """`value` (accuracy), `cells` `[len(lengths), len(depths)]` accuracy per (length, depth) cell, and
+        `answers`, each sample's generated text and whether it is right, all with `hooks` active."""
         lengths, depths = self.params["lengths"], self.params["depths"]
-        grid = torch.zeros(len(lengths), len(depths))
-        for sample, (_, ok) in zip(self.samples, self.answers(hooks)):
-            grid[lengths.index(sample.context_len), depths.index(sample.depth)] += ok / self.n
-        return grid
+        answers = self.answers(hooks)
+        cells = torch.zeros(len(lengths), len(depths))
+        for sample, (_, ok) in zip(self.samples, answers):
+            cells[lengths.index(sample.context_len), depths.index(sample.depth)] += ok / self.n
+        return {"value": sum(ok for _, ok in answers) / len(answers), "cells": cells, "answers": answers}
 
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
-        results = self.answers(hooks)
-        return sum(ok for _, ok in results) / len(results)
+        return self.details(hooks)["value"]
 
 
 @register

@@ -43,23 +43,25 @@ class RefusalTask(Task):
         self.tokens = [torch.tensor([chat_ids(lab, p)]) for p in self.prompts]
         self._chat_ids = chat_ids
 
-    def answers(self, hooks: list[Hook] | None = None) -> list[str]:
-        """The greedy answer to every request with `hooks` active."""
+    def answers(self, hooks: list[Hook] | None = None, count: int | None = None) -> list[str]:
+        """The greedy answer to every request (or the first `count`) with `hooks` active."""
         from headlab.generation import greedy_generate
 
         out = []
-        for tokens in self.tokens:
+        for tokens in self.tokens[:count]:
             ids, _ = greedy_generate(self.lab, tokens, self.max_new_tokens, hooks=hooks)
             out.append(self.lab.tokenizer.decode(ids, skip_special_tokens=True))
         return out
 
     def details(self, hooks: list[Hook] | None = None) -> dict:
+        """`value` = refusal rate; also each answer, whether it was refused, and the requests."""
         answers = self.answers(hooks)
         refused = [requests.is_refusal(a) for a in answers]
-        return {"refusal_rate": sum(refused) / len(refused), "refused": refused, "answers": answers, "prompts": self.prompts}
+        rate = sum(refused) / len(refused)
+        return {"value": rate, "refusal_rate": rate, "refused": refused, "answers": answers, "prompts": self.prompts}
 
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
-        return self.details(hooks)["refusal_rate"]
+        return self.details(hooks)["value"]
 
     def reference_tokens(self) -> torch.Tensor:
         """The harmless held-out requests in the chat template, the most common length group `[batch, pos]`."""

@@ -11,12 +11,11 @@ the lists). `details()` also gives plain greedy accuracy over the whole vocabula
 from __future__ import annotations
 
 import random
-from functools import cached_property
 
 import torch
 
 from headlab.datasets import ordinals
-from headlab.tasks import Hook, Task, register
+from headlab.tasks import Hook, NextTokenTask, register
 
 PREFIX = "List:"
 
@@ -27,7 +26,7 @@ def successor_prompt(items: list[str]) -> str:
 
 
 @register
-class SuccessorTask(Task):
+class SuccessorTask(NextTokenTask):
     """Accuracy at continuing an ordinal list with its next item, among the list's items.
 
     Params:
@@ -37,6 +36,7 @@ class SuccessorTask(Task):
     """
 
     name = "successor"
+    reference_offset = 50_000
     metric = "accuracy (the next item ranks first among the list's items)"
     higher_is_better = True
     default_n = 64
@@ -72,25 +72,10 @@ class SuccessorTask(Task):
             raise ValueError(f"Successor prompts tokenized to different lengths {sorted(lengths)}.")
         return prompts, torch.stack(rows), candidates, torch.tensor(targets), torch.tensor(task_index)
 
-    @cached_property
-    def _reference(self) -> torch.Tensor:
-        return self._build(50_000 + self.seed)[1]
 
-    def reference_tokens(self) -> torch.Tensor:
-        return self._reference
-
-    @torch.no_grad()
-    def final_logits(self, hooks: list[Hook] | None = None) -> torch.Tensor:
-        """Next-token logits after the last comma, `[n, d_vocab]`, with `hooks` active."""
-        out = []
-        with self.lab.model.hooks(fwd_hooks=hooks or []):
-            for batch in self.tokens.split(self.batch_size):
-                logits = self.lab.model(batch.to(self.lab.device), return_type="logits")
-                out.append(logits[:, -1].float().cpu())
-        return torch.cat(out)
 
     def details(self, hooks: list[Hook] | None = None) -> dict:
-        """Accuracy among the list's items (overall and per list), greedy top-1 accuracy, chance."""
+        """`value` = accuracy among the list's items; also per list, greedy top-1 accuracy, chance."""
         logits = self.final_logits(hooks)
         hits, top1 = [], []
         for row, (ids, target) in enumerate(zip(self.candidates, self.targets.tolist())):
@@ -100,8 +85,9 @@ class SuccessorTask(Task):
         per_task = {task.name: float(hits_t[self.task_index == t].mean()) for t, task in enumerate(self.ordinal_tasks)
                     if (self.task_index == t).any()}
         chance = float(torch.tensor([1.0 / len(self.candidates[i]) for i in range(len(hits))]).mean())
-        return {"accuracy": float(hits_t.mean()), "top1_accuracy": float(top1_t.mean()), "per_task": per_task,
+        accuracy = float(hits_t.mean())
+        return {"value": accuracy, "accuracy": accuracy, "top1_accuracy": float(top1_t.mean()), "per_task": per_task,
                 "chance": chance, "n": len(hits)}
 
     def evaluate(self, hooks: list[Hook] | None = None) -> float:
-        return self.details(hooks)["accuracy"]
+        return self.details(hooks)["value"]
