@@ -18,6 +18,8 @@ candidate per block). As kvpress' presses override one `score`, a new method ove
 - `scaled_query` (`epsilon`): the heads' pre-softmax scores are multiplied by `epsilon` (their query
   scaled by epsilon), so their attention becomes nearly uniform over the keys they may see: Zhou et
   al.'s "undifferentiated attention" ablation for safety heads.
+- `sink_only` (`sink`): the heads attend only to the first `sink` tokens, the state Guo et al. call
+  dormant: what the model loses when a head parks its attention on the sink.
 
 The default is `mean`: on the embedded model, zero-ablating any one of a few early heads
 (L1H3, L1H4, L1H5, L2H2) raises the repeated-token loss by 3-10 nats whatever the task, because
@@ -153,6 +155,26 @@ class ScaledQuery(AblationMethod):
 
     def edit(self, act, heads, state):
         act[:, heads] = act[:, heads] * self.epsilon
+
+
+@dataclass(frozen=True)
+class SinkOnly(AblationMethod):
+    """The heads attend only to the first `sink` tokens (`hook_attn_scores` `[batch, head, q, k]`): forced dormant.
+
+    Guo et al. 2024 find that a dormant head parks its attention on the first token and writes (almost)
+    nothing; this makes any head do so, to ask what the model loses when a head goes dormant on every input.
+    """
+
+    name, point, head_axis = "sink_only", "attn_scores", 1
+    sink: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.sink, bool) or int(self.sink) != self.sink or self.sink < 1:
+            raise ValueError(f"sink_only needs sink >= 1 whole tokens (every query must see one key); got {self.sink!r}.")
+
+    def edit(self, act, heads, state):
+        keep = torch.arange(act.shape[-1], device=act.device) < self.sink  # [k]
+        act[:, heads] = act[:, heads].masked_fill(~keep, float("-inf"))
 
 
 def method_fields(name: str) -> dict[str, object]:
