@@ -8,20 +8,18 @@ retrieval curve of the default retrieval run (`RETRIEVAL_CURVE`: the Retrieval t
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import headlab as hl
 from headlab.heads import head_label
 from headlab.scorers.retrieval import retrieval_curve
+from report import recompute_args  # analyses/report.py
 
 CURVE_KIND = "induction"  # the score kind the app opens on
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true", help="recompute runs already stored")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     lab = hl.load("embedded")
     for kind in hl.kinds():
         started = time.perf_counter()

@@ -8,13 +8,12 @@ and ablates the top-k heads against random k-head sets on the `needle` task. Pri
 """
 from __future__ import annotations
 
-import argparse
 
 import headlab as hl
 from headlab.heads import format_heads, head_label
 from headlab.scorers import scorer_fields
 from headlab.scorers.retrieval import RETRIEVAL_CURVE, RETRIEVAL_THRESHOLD, retrieval_curve, topk_jaccard
-from report import write_section  # analyses/report.py
+from report import recompute_args, write_section  # analyses/report.py
 
 DEFAULTS = scorer_fields("retrieval")
 RUNS = [("fact", "filler"), ("fact", "prose"), ("passkey", "filler")]
@@ -50,9 +49,7 @@ def curve_table(curve: hl.AblationCurve) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     lab = hl.load("embedded")
     runs = {(needle, haystack): hl.score(lab, "retrieval", needle=needle, haystack=haystack, recompute=args.recompute)
             for needle, haystack in RUNS}

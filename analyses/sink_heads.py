@@ -6,11 +6,9 @@ Runs `hl.score(lab, "sink")` with its defaults (stored in cached_runs/) and writ
 """
 from __future__ import annotations
 
-import argparse
-
 import headlab as hl
 from headlab.scorers.sinks import switching_frame
-from report import write_section  # analyses/report.py
+from report import recompute_args, write_section  # analyses/report.py
 
 SWITCHING_K = 15  # switching heads listed, most domain-dependent first
 
@@ -32,9 +30,10 @@ def prevalence_table(scores: hl.HeadScores) -> str:
 
 
 def markdown_table(frame) -> str:
-    """A pandas DataFrame as a Markdown table."""
+    """A pandas DataFrame as a Markdown table, numbers with two decimals."""
+    cell = lambda value: f"{value:.2f}" if isinstance(value, float) else str(value)  # noqa: E731
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -54,9 +53,7 @@ def report(scores: hl.HeadScores) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", action="store_true")
-    args = parser.parse_args()
+    args = recompute_args(__doc__)
     markdown = report(hl.score(hl.load("embedded"), "sink", recompute=args.recompute))
     print(markdown, flush=True)
     write_section("sink_heads", markdown)

@@ -18,11 +18,10 @@ from app.feedback import shows_errors
 from app.inputs import check_count
 from app.retrieval_tab import parse_numbers
 from app.workbench import Workbench
-from headlab.masks import MIB, HeadMask, MaskConfig, kv_memory, make_mask
 from headlab import runtime
-from headlab.runtime import CompressedLM
-from headlab.runtime.quality import quality
-from headlab.generation import greedy_generate
+from headlab.masks import HeadMask, MaskConfig, kv_memory, make_mask
+from headlab.runtime.benchmark import readable
+from headlab.runtime.quality import quality_at_budget, side_by_side
 
 SOURCES = {"top KV heads of a score": "score", "random KV heads (same budget)": "random", "all streaming (StreamingLLM)": "all_streaming"}
 MASK = MaskConfig()  # the form's defaults
@@ -66,10 +65,6 @@ def form_mask(bench: Workbench, source_label: str, kind: str, full_fraction: flo
                      sink=sink_tokens, recent=recent_tokens)
 
 
-def dtype_bytes(bench: Workbench) -> int:
-    return next(bench.lab.hf_model.parameters()).element_size()
-
-
 def export_files(mask: HeadMask) -> tuple[str, str]:
     """The mask as `headlab.head_mask/v1` JSON and as a zipped DuoAttention folder, in a fresh temp folder."""
     folder = Path(tempfile.mkdtemp(prefix="headlab-mask-"))
@@ -90,48 +85,16 @@ def default_prompt(bench: Workbench) -> str:
     return bench.lab.tokenizer.decode(sample.tokens[0, 1:])
 
 
-def side_by_side(bench: Workbench, mask: HeadMask, prompt: str, new_tokens: int) -> tuple[str, str, pd.DataFrame]:
-    """Greedy text from the full cache (the plain model) and from the compressed runtime, with their KV bytes."""
-    lab = bench.lab
-    tokens = lab.to_tokens(prompt)
-    generated, _ = greedy_generate(lab, tokens, new_tokens)
-    runtime = CompressedLM(lab, mask)
-    compressed = runtime.generate(tokens, max_new_tokens=new_tokens, stop_at_eos=False)
-    length, size = tokens.shape[1] + new_tokens - 1, dtype_bytes(bench)
-    full_bytes = HeadMask.all_full(lab.info).ideal_kv_bytes(length, size, lab.info.d_head)
-    ideal, held = mask.ideal_kv_bytes(length, size, lab.info.d_head), runtime.kv_bytes()
-    table = pd.DataFrame([
-        {"cache": "full (plain model)", "tokens": length, "KV MiB held": round(full_bytes / MIB, 2),
-         "KV MiB ideal": round(full_bytes / MIB, 2), "held vs full": "100%"},
-        {"cache": "headlab compressed", "tokens": length, "KV MiB held": round(held / MIB, 2),
-         "KV MiB ideal": round(ideal / MIB, 2), "held vs full": f"{100 * held / full_bytes:.0f}%"},
-    ])
-    decode = lab.tokenizer.decode
-    return decode(generated, skip_special_tokens=True), decode(compressed[0].tolist(), skip_special_tokens=True), table
-
-
 def measure_frame(bench: Workbench, mask: HeadMask, contexts: list[int]) -> pd.DataFrame:
     """`runtime.measure` for the full cache and `mask`, in MiB and ms for reading."""
     for context in contexts:
         bench.lab.check_length(context, "measured context")
-    table = runtime.measure(bench.lab, mask, contexts=contexts, new_tokens=8, warmup=2)
-    return pd.DataFrame({
-        "context": table["context"], "cache": table["cache"],
-        "KV MiB held": (table["kv_bytes"] / MIB).round(2), "KV MiB ideal": (table["ideal_kv_bytes"] / MIB).round(2),
-        "held / ideal": table["kv_ratio"].round(3), "prefill s": table["prefill_s"].round(2),
-        "decode ms/token": table["decode_ms"].round(1),
-    })
+    return readable(runtime.measure(bench.lab, mask, contexts=contexts, new_tokens=8, warmup=2))
 
 
 def quality_frame(bench: Workbench, mask: HeadMask, length: int) -> pd.DataFrame:
     """Needle accuracy and KL vs the full cache for `mask`, a random mask and all-streaming at the same budget."""
-    info = bench.info
-    masks = {
-        "this mask": mask,
-        "random, same budget": HeadMask.random(info, mask.full_fraction, sink=mask.sink, recent=mask.recent),
-        "all streaming": HeadMask.all_streaming(info, sink=mask.sink, recent=mask.recent),
-    }
-    return quality(bench.lab, masks, lengths=[length], kl_tokens=length).round(4)
+    return quality_at_budget(bench.lab, mask, lengths=[length]).round(4)
 
 
 def mask_layout(bench: Workbench) -> dict:
@@ -193,13 +156,14 @@ def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
     @shows_errors
     def build(*form) -> tuple:
         mask = form_mask(bench, *form)
-        memory = kv_memory(mask, bench.info, dtype_bytes(bench))
+        memory = kv_memory(mask, bench.info, bench.lab.dtype.itemsize)
         return memory.summary(), mask.figure(), memory.figure(), *export_files(mask)
 
     @shows_errors
     def generate(*form) -> tuple:
         *mask_form, prompt_text, n_new = form
-        return side_by_side(bench, form_mask(bench, *mask_form), prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
+        result = side_by_side(bench.lab, form_mask(bench, *mask_form), prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
+        return result.full_text, result.compressed_text, result.to_frame()
 
     @shows_errors
     def measure_live(*form) -> pd.DataFrame:

@@ -59,6 +59,12 @@ def capture(lab: Lab, tokens: torch.Tensor, names: Iterable[str], reduce: Reduce
     return dict(stash)
 
 
+def attention_pattern(lab: Lab, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """Attention of every head of `layer` on `tokens` `[1, pos]`: `[head, q_pos, k_pos]` on the CPU."""
+    name = act_name("pattern", layer)
+    return capture(lab, tokens, [name])[name][0].float().cpu()
+
+
 @torch.no_grad()
 def head_means(lab: Lab, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
     """`{layer: [n_heads, d_head]}`: each head's output (`hook_z`) averaged over the batch and positions of `tokens`."""

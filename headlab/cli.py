@@ -220,17 +220,10 @@ def _float_list(text: str, what: str) -> list[float]:
 
 def _same_budget_quality(lab, mask, args) -> list[dict]:
     """Needle accuracy and KL of `mask` vs a random and an all-streaming mask of the same budget."""
-    from headlab.masks import HeadMask
-    from headlab.runtime.quality import quality
+    from headlab.runtime.quality import quality_at_budget
 
-    same_budget = {
-        "this mask": mask,
-        "random, same budget": HeadMask.random(lab.info, mask.full_fraction, sink=mask.sink, recent=mask.recent),
-        "all streaming": HeadMask.all_streaming(lab.info, sink=mask.sink, recent=mask.recent),
-    }
-    lengths = _int_list(args.lengths, "--lengths")
-    frame = quality(lab, same_budget, lengths=lengths, depths=_float_list(args.depths, "--depths"), n=args.n,
-                    kl_tokens=max(lengths))
+    frame = quality_at_budget(lab, mask, lengths=_int_list(args.lengths, "--lengths"),
+                              depths=_float_list(args.depths, "--depths"), n=args.n)
     return frame.to_dict(orient="records")
 
 

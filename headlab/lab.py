@@ -90,10 +90,3 @@ class Lab:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-
-    @torch.no_grad()
-    def attention_pattern(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-        """Attention of every head of `layer` on `tokens` `[1, pos]`. Returns `[head, q_pos, k_pos]`."""
-        name = f"blocks.{layer}.attn.hook_pattern"
-        _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n == name)
-        return cache[name][0].float().cpu()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 
+from headlab.activations import attention_pattern
 from headlab.heads import check_head, check_layer, head_label
 from headlab.lab import Lab
 
@@ -22,7 +23,7 @@ def attention_view_html(lab: Lab, prompt: str, layer: int, heads: list[int] | No
     tokens = lab.to_tokens(prompt)
     if tokens.shape[1] > MAX_VIEW_TOKENS:
         raise ValueError(f"The prompt is {tokens.shape[1]} tokens; the pattern view shows at most {MAX_VIEW_TOKENS}.")
-    pattern = lab.attention_pattern(tokens, layer)  # [head, q, k]
+    pattern = attention_pattern(lab, tokens, layer)  # [head, q, k]
     heads = list(range(lab.info.n_heads)) if heads is None else heads
     heads = [check_head(lab.info, layer, h)[1] for h in heads]
     view = attention_heads(

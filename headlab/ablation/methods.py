@@ -29,6 +29,7 @@ less than 0.4. Mean ablation removes what a head computes from its input, not it
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,7 +47,7 @@ DEFAULT_METHOD = "mean"
 
 
 @dataclass(frozen=True)
-class AblationMethod:
+class AblationMethod(ABC):
     """Base of every ablation method. Subclasses set `name`, `point`, `head_axis` and implement `edit`."""
 
     name: ClassVar[str] = ""
@@ -70,9 +71,9 @@ class AblationMethod:
         """Per-layer statistics the edit needs, from `reference` tokens `[batch, pos]` (None if it needs none)."""
         return None
 
+    @abstractmethod
     def edit(self, act: torch.Tensor, heads: list[int], state: torch.Tensor | None) -> None:
         """Ablate `heads` in `act` in place: `act` is a view of the rows to edit (a copy of the activation)."""
-        raise NotImplementedError(f"{type(self).__name__} must define edit()")
 
     def hooks(self, lab: Lab, targets: Targets, state: LayerState = None) -> list[Hook]:
         """Forward hooks applying `edit` to `targets` `{layer: [(rows, heads)]}`: one hook per layer."""

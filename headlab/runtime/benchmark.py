@@ -327,3 +327,14 @@ def measure(model, mask: HeadMask, contexts=(1024, 2048), new_tokens: int = 32, 
     columns = ["context", "cache", "kv_bytes", "ideal_kv_bytes", "full_kv_bytes", "kv_ratio", "peak_bytes",
                "peak_above_weights", "prefill_s", "decode_ms", "new_tokens", "oom"]
     return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """`measure`'s table for reading: KV in MiB, the held/ideal ratio, prefill seconds and decode ms per token."""
+    mib = 2**20
+    return pd.DataFrame({
+        "context": table["context"], "cache": table["cache"],
+        "KV MiB held": (table["kv_bytes"] / mib).round(2), "KV MiB ideal": (table["ideal_kv_bytes"] / mib).round(2),
+        "held / ideal": table["kv_ratio"].round(3), "prefill s": table["prefill_s"].round(2),
+        "decode ms/token": table["decode_ms"].round(1),
+    })

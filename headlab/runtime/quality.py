@@ -11,14 +11,17 @@ is the first row (`CompressedLM` with an all-full mask, which equals the plain m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 
+from headlab.activations import kl_divergence
 from headlab.datasets import domains, needles
+from headlab.generation import answer_budget, answer_is_correct, greedy_generate
 from headlab.lab import Lab
-from headlab.masks import HeadMask
+from headlab.masks import MIB, HeadMask
 from headlab.runtime.model import CompressedLM
-from headlab.generation import answer_budget, answer_is_correct
 
 FULL_CACHE = "full cache"
 
@@ -40,7 +43,7 @@ def next_token_kl(lab: Lab, mask: HeadMask, tokens: torch.Tensor, full_logits: t
     start = min(mask.sink + mask.recent, tokens.shape[1] - 1)
     logits = CompressedLM(lab, mask, **runtime).logits(tokens)[:, start:].float()
     full = torch.log_softmax(full_logits[:, start:].float(), dim=-1)
-    return float((full.exp() * (full - torch.log_softmax(logits, dim=-1))).sum(-1).mean())
+    return float(kl_divergence(full, logits).mean())
 
 
 def quality(
@@ -75,3 +78,54 @@ def quality(
         row["kl_vs_full"] = 0.0 if mask is full_mask else next_token_kl(lab, mask, prose, full_logits, **runtime)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def same_budget_masks(mask: HeadMask, info, seed: int = 0) -> dict[str, HeadMask]:
+    """`mask` beside its controls of exactly the same budget and window: a random mask (seeded) and all-streaming."""
+    return {
+        "this mask": mask,
+        "random, same budget": HeadMask.random(info, mask.full_fraction, seed=seed, sink=mask.sink, recent=mask.recent),
+        "all streaming": HeadMask.all_streaming(info, sink=mask.sink, recent=mask.recent),
+    }
+
+
+def quality_at_budget(lab: Lab, mask: HeadMask, *, lengths=(1024,), **options) -> pd.DataFrame:
+    """`quality` of `mask` against a random and an all-streaming mask of the same budget, KL over `max(lengths)` tokens."""
+    return quality(lab, same_budget_masks(mask, lab.info), lengths=lengths, kl_tokens=max(lengths), **options)
+
+
+@dataclass
+class SideBySide:
+    """Greedy text from the full cache (the plain model) and from the compressed runtime, with the KV bytes each holds."""
+
+    full_text: str
+    compressed_text: str
+    tokens: int  # cached tokens at the end (prompt + new tokens - 1)
+    full_bytes: int
+    ideal_bytes: int  # what the mask's caches need
+    held_bytes: int  # what the runtime really holds
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per cache: KV MiB held and ideal, and the share of the full cache held."""
+        return pd.DataFrame([
+            {"cache": "full (plain model)", "tokens": self.tokens, "KV MiB held": round(self.full_bytes / MIB, 2),
+             "KV MiB ideal": round(self.full_bytes / MIB, 2), "held vs full": "100%"},
+            {"cache": "headlab compressed", "tokens": self.tokens, "KV MiB held": round(self.held_bytes / MIB, 2),
+             "KV MiB ideal": round(self.ideal_bytes / MIB, 2), "held vs full": f"{100 * self.held_bytes / self.full_bytes:.0f}%"},
+        ])
+
+
+@torch.no_grad()
+def side_by_side(lab: Lab, mask: HeadMask, prompt: str, new_tokens: int) -> SideBySide:
+    """Generate `new_tokens` greedily after `prompt` with the full cache and with `mask` in the compressed runtime."""
+    tokens = lab.to_tokens(prompt)
+    generated, _ = greedy_generate(lab, tokens, new_tokens)
+    runtime = CompressedLM(lab, mask)
+    compressed = runtime.generate(tokens, max_new_tokens=new_tokens, stop_at_eos=False)
+    length, size = tokens.shape[1] + new_tokens - 1, next(lab.hf_model.parameters()).element_size()
+    decode = lab.tokenizer.decode
+    return SideBySide(
+        full_text=decode(generated, skip_special_tokens=True), compressed_text=decode(compressed[0].tolist(), skip_special_tokens=True),
+        tokens=length, full_bytes=HeadMask.all_full(lab.info).ideal_kv_bytes(length, size, lab.info.d_head),
+        ideal_bytes=mask.ideal_kv_bytes(length, size, lab.info.d_head), held_bytes=runtime.kv_bytes(),
+    )

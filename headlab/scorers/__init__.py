@@ -12,6 +12,7 @@ stored-run key is hashed from (`run_path`), so there is one place that decides w
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 import importlib
 import pkgutil
 import time
@@ -38,7 +39,7 @@ def _jsonable(value):
 
 
 @dataclass(frozen=True)
-class Scorer:
+class Scorer(ABC):
     """Base of every scorer. Subclasses set `kind`, declare their parameters as fields and implement `compute`."""
 
     kind: ClassVar[str] = ""
@@ -57,8 +58,9 @@ class Scorer:
         """Where this run of `lab` lives in the store."""
         return store.run_path(lab.info.slug, self.kind, self.params(), root)
 
+    @abstractmethod
     def compute(self, lab: Lab) -> HeadScores:
-        raise NotImplementedError(f"{type(self).__name__} must define compute()")
+        """Score every head of `lab`: `HeadScores` with `values` `[n_layers, n_heads]` (build it with `self.result`)."""
 
     def result(self, lab: Lab, values: torch.Tensor, raw: dict | None = None, meta: dict | None = None) -> HeadScores:
         """`HeadScores` of this run: `values` `[n_layers, n_heads]`, with kind, model and params filled in."""

@@ -69,8 +69,9 @@ class NextTokenTask(Task):
 
     reference_offset: int = 0
 
+    @abstractmethod
     def _build(self, seed: int) -> tuple:
-        raise NotImplementedError(f"{type(self).__name__} must define _build(seed)")
+        """The task's inputs drawn with `seed`: `(prompts, tokens [n, pos], ...)`."""
 
     @cached_property
     def _reference(self) -> torch.Tensor:
