@@ -98,12 +98,10 @@ def main() -> None:
     for prompt, x, y, z in examples.itertuples(index=False):
         emit(f"| {prompt} | {x!r} | {y!r} | {z!r} |".replace("\\n", " ").replace("\\x0b", " "))
 
-    t0 = time.perf_counter()
     group = sahara(lab, k=args.k, pool=args.sahara_pool, n=args.n, scores=scores, recompute=args.recompute)
-    sahara_seconds = time.perf_counter() - t0
     ablated = hl.ablate(lab, group.heads, task, method=method).ablated
-    emit(f"\n### Sahara (greedy, {group.objective} objective, candidates = top {args.sahara_pool} Ships heads, "
-         f"{group.n_requests} requests; {sahara_seconds:.0f} s in this run, 0 when read from cached_runs/)\n")
+    emit(f"\n### Sahara (greedy, {group.objective.upper() if group.objective == 'kl' else group.objective} objective, candidates = top {args.sahara_pool} Ships heads, "
+         f"{group.n_requests} requests, {group.seconds:.0f} s)\n")
     emit("| step | added | joint KL |")
     emit("|---|---|---|")
     for step, (head, value) in enumerate(zip(group.heads, group.curve), 1):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,7 @@ class SaharaResult:
     candidates: list[Head]
     n_requests: int
     params: dict = field(default_factory=dict)  # the `Sahara` config and the Ships run it ranked candidates by
+    seconds: float = 0.0  # how long the search took when it was computed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -287,6 +289,7 @@ def sahara(lab: Lab, *, scores: HeadScores | None = None, chunk: int | None = No
 
 @torch.no_grad()
 def _search(lab: Lab, config: Sahara, scores: HeadScores, chunk: int | None, progress, key: dict) -> SaharaResult:
+    started = time.perf_counter()
     info = lab.info
     n_all = info.n_layers * info.n_heads
     candidates = scores.top_heads(n_all if config.pool is None else min(config.pool, n_all))
@@ -307,7 +310,8 @@ def _search(lab: Lab, config: Sahara, scores: HeadScores, chunk: int | None, pro
         if progress is not None:
             progress((step + 1) / config.k, f"Sahara step {step + 1}/{config.k}: added {head_label(*left[best])}")
     return SaharaResult(model=info.name, heads=group, curve=curve, objective=config.objective, method=method.name,
-                        epsilon=config.epsilon, candidates=candidates, n_requests=len(chosen), params=key)
+                        epsilon=config.epsilon, candidates=candidates, n_requests=len(chosen), params=key,
+                        seconds=round(time.perf_counter() - started, 2))
 
 
 # --- the refusal check ---------------------------------------------------------------------------
