@@ -143,7 +143,7 @@ def layout_curve_section() -> dict:
                 curve_plot=curve_plot, curve_table=curve_table)
 
 
-def layout_ablate_tab(atlas: AtlasTab) -> AblateTab:
+def layout(atlas: AtlasTab) -> AblateTab:
     return AblateTab(**layout_ablate_form(atlas), **layout_curve_section())
 
 
@@ -170,7 +170,7 @@ def curve_view(bench: Workbench, kind: str, score_n: float, score_seed: float, t
     return curve.figure(), curve.to_frame().round(4), curve.summary()
 
 
-def wire_ablate_tab(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
+def wire(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
     @shows_errors
     def fill_top_heads(kind: str, k: float, n: float, seed: float) -> str:
         k = check_count(k, "k", 1, bench.info.n_layers * bench.info.n_heads)
@@ -201,4 +201,4 @@ def wire_ablate_tab(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurren
 
 
 def build_ablate_tab(bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
-    return wire_ablate_tab(layout_ablate_tab(atlas), bench, atlas, concurrency_id)
+    return wire(layout(atlas), bench, atlas, concurrency_id)

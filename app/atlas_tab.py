@@ -88,7 +88,7 @@ def _error_html(message: str) -> str:
     return f"<p style='color:#b91c1c'>{html.escape(message)}</p>"
 
 
-def layout_atlas_tab() -> AtlasTab:
+def layout() -> AtlasTab:
     kinds = hl.kinds()
     fields = scorer_fields(DEFAULT_KIND)
     with gr.Row():
@@ -122,7 +122,7 @@ def picked_head(table: pd.DataFrame, evt: gr.SelectData):
     return gr.skip() if row is None else str(row["head"])
 
 
-def wire_atlas_tab(tab: AtlasTab, bench: Workbench, concurrency_id: str) -> AtlasTab:
+def wire(tab: AtlasTab, bench: Workbench, concurrency_id: str) -> AtlasTab:
     @shows_errors
     def score(kind: str, n: float, seed: float, recompute: bool, progress=gr.Progress()) -> tuple:
         return atlas_view(*atlas_scores(bench, kind, run_params(kind, n, seed), recompute, progress_to(progress)))
@@ -162,4 +162,4 @@ def wire_atlas_tab(tab: AtlasTab, bench: Workbench, concurrency_id: str) -> Atla
 
 
 def build_atlas_tab(bench: Workbench, concurrency_id: str) -> AtlasTab:
-    return wire_atlas_tab(layout_atlas_tab(), bench, concurrency_id)
+    return wire(layout(), bench, concurrency_id)

@@ -28,7 +28,7 @@ def failed_load_message(name_or_path: str, err: Exception, current: str) -> str:
     return f"⚠️ **Could not load `{name_or_path}`.** {user_message(err)}\n\nThe app keeps using **{current}**."
 
 
-def layout_model_tab(bench: Workbench) -> ModelTab:
+def layout(bench: Workbench) -> ModelTab:
     gr.Markdown(
         "Load **embedded** (SmolLM2-135M-Instruct, shipped with headlab, works offline), a Hugging Face "
         "name (needs the network or the local Hugging Face cache) or a local folder saved with "
@@ -42,7 +42,7 @@ def layout_model_tab(bench: Workbench) -> ModelTab:
     return ModelTab(name=name, load_button=load_button, status=status, info=info, loaded=gr.State(bench.loads))
 
 
-def wire_model_tab(tab: ModelTab, bench: Workbench, concurrency_id: str) -> ModelTab:
+def wire(tab: ModelTab, bench: Workbench, concurrency_id: str) -> ModelTab:
     def load_model(name_or_path: str, progress=gr.Progress()) -> tuple:
         """A failed load is reported in the status line (the ModelInfo and the model stay as they were)."""
         try:
@@ -58,4 +58,4 @@ def wire_model_tab(tab: ModelTab, bench: Workbench, concurrency_id: str) -> Mode
 
 
 def build_model_tab(bench: Workbench, concurrency_id: str) -> ModelTab:
-    return wire_model_tab(layout_model_tab(bench), bench, concurrency_id)
+    return wire(layout(bench), bench, concurrency_id)

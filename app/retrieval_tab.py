@@ -60,7 +60,7 @@ def check_k(bench: Workbench, k: float) -> int:
     return check_count(k, "k", 1, bench.info.n_layers * bench.info.n_heads // 2)
 
 
-def layout_retrieval_tab() -> RetrievalTab:
+def layout() -> RetrievalTab:
     defaults = scorer_fields("retrieval")
     plain_methods = [name for name in sorted(METHODS) if not method_fields(name)]  # methods without parameters
     gr.Markdown(
@@ -93,7 +93,7 @@ def layout_retrieval_tab() -> RetrievalTab:
                         top=top, grid=grid, curve=curve)
 
 
-def wire_retrieval_tab(tab: RetrievalTab, bench: Workbench, concurrency_id: str) -> RetrievalTab:
+def wire(tab: RetrievalTab, bench: Workbench, concurrency_id: str) -> RetrievalTab:
     @shows_errors
     def score(shape, haystack, lengths_text, depths_text, n):
         scores = retrieval_scores(bench, shape, haystack, lengths_text, depths_text, n)
@@ -119,4 +119,4 @@ def wire_retrieval_tab(tab: RetrievalTab, bench: Workbench, concurrency_id: str)
 
 
 def build_retrieval_tab(bench: Workbench, concurrency_id: str) -> RetrievalTab:
-    return wire_retrieval_tab(layout_retrieval_tab(), bench, concurrency_id)
+    return wire(layout(), bench, concurrency_id)

@@ -54,7 +54,7 @@ def head_view(bench: Workbench, head_text: str, domain: str, seed: int) -> str:
     return f"<h4>{head_label(layer, head)} on {domain}</h4>" + view
 
 
-def layout_sinks_tab() -> SinksTab:
+def layout() -> SinksTab:
     names, defaults = list(domains.BUILTIN_DOMAINS), scorer_fields("sink")
     gr.Markdown(
         "A head is **dormant** on an input when it parks its attention on the first token (the sink, whose "
@@ -94,7 +94,7 @@ def picked_switch(table: pd.DataFrame, evt: gr.SelectData) -> tuple:
     return str(picked["head"]), str(picked["dormant on"]).split(", ")[0], str(picked["active on"]).split(", ")[0]
 
 
-def wire_sinks_tab(tab: SinksTab, bench: Workbench, concurrency_id: str) -> SinksTab:
+def wire(tab: SinksTab, bench: Workbench, concurrency_id: str) -> SinksTab:
     @shows_errors
     def compute(n: float, seed: float) -> tuple:
         scores = sink_scores(bench, n, seed)
@@ -120,4 +120,4 @@ def wire_sinks_tab(tab: SinksTab, bench: Workbench, concurrency_id: str) -> Sink
 
 
 def build_sinks_tab(bench: Workbench, concurrency_id: str) -> SinksTab:
-    return wire_sinks_tab(layout_sinks_tab(), bench, concurrency_id)
+    return wire(layout(), bench, concurrency_id)
