@@ -8,6 +8,7 @@ default applies.
 from __future__ import annotations
 
 import argparse
+import inspect
 import dataclasses
 import json
 import sys
@@ -351,13 +352,17 @@ def bench_runtime_args(p: argparse.ArgumentParser) -> None:
     mask_args(p)
     p.add_argument("--contexts", default="512,1024", help="context lengths to measure, e.g. 8192,32768")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per context")
-    p.add_argument("--caches", default="hf_full,compressed",
-                   help="caches to measure, from hf_full, hf_static, kvpress_duo (needs kvpress), compressed")
+    from headlab.runtime.benchmark import DEFAULT_KINDS, KINDS
+    from headlab.runtime.quality import quality
+
+    grid = {name: param.default for name, param in inspect.signature(quality).parameters.items()}  # quality()'s defaults
+    p.add_argument("--caches", default=",".join(DEFAULT_KINDS),
+                   help=f"caches to measure, from {', '.join(KINDS)} (kvpress_duo needs kvpress)")
     p.add_argument("--quality", action="store_true", help="also needle accuracy and KL vs the full cache, against a random "
                                                           "and an all-streaming mask at the same budget")
-    p.add_argument("--lengths", default="1024", help="--quality: needle context lengths")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="--quality: needle depths")
-    p.add_argument("--n", type=int, default=1, help="--quality: needles per (length, depth)")
+    p.add_argument("--lengths", default=",".join(map(str, grid["lengths"])), help="--quality: needle context lengths")
+    p.add_argument("--depths", default=",".join(map(str, grid["depths"])), help="--quality: needle depths")
+    p.add_argument("--n", type=int, default=grid["n"], help="--quality: needles per (length, depth)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
