@@ -1,4 +1,5 @@
-"""The Model tab: load "embedded", a Hugging Face name or a local folder; show the model's shape."""
+"""The Model tab: load "embedded", a Hugging Face name or a local folder (where the app's `FileAccess`
+allows one); show the model's shape."""
 from dataclasses import dataclass
 
 import gradio as gr
@@ -7,7 +8,7 @@ from app.feedback import progress_to
 from app.workbench import Workbench
 from headlab.errors import user_message
 
-MODEL_EXAMPLES = ["embedded", "gpt2", "Qwen/Qwen2.5-0.5B", "/path/to/a/saved_pretrained/folder"]
+MODEL_EXAMPLES = ["embedded", "gpt2", "Qwen/Qwen2.5-0.5B"]
 
 
 @dataclass
@@ -28,14 +29,24 @@ def failed_load_message(name_or_path: str, err: Exception, current: str) -> str:
     return f"⚠️ **Could not load `{name_or_path}`.** {user_message(err)}\n\nThe app keeps using **{current}**."
 
 
+def local_folders(bench: Workbench) -> str:
+    """Which local model folders this app loads, for the tab's intro."""
+    if bench.files.any_folder:
+        return "or a local folder saved with `save_pretrained`"
+    if bench.files.files_dir is not None:
+        return "or a folder saved with `save_pretrained` inside the app's files folder (its name, or a path in it)"
+    return "(local folders are off: this app serves other machines without a files folder)"
+
+
 def layout(bench: Workbench) -> ModelTab:
     gr.Markdown(
         "Load **embedded** (SmolLM2-135M-Instruct, shipped with headlab, works offline), a Hugging Face "
-        "name (needs the network or the local Hugging Face cache) or a local folder saved with "
-        "`save_pretrained`. If loading fails, the app keeps the current model."
+        f"name (needs the network or the local Hugging Face cache) {local_folders(bench)}. "
+        "If loading fails, the app keeps the current model."
     )
+    examples = MODEL_EXAMPLES + (["a local folder"] if bench.files.any_folder or bench.files.files_dir else [])
     with gr.Row():
-        name = gr.Textbox(value="embedded", label="Model", placeholder=", ".join(MODEL_EXAMPLES), scale=4, elem_id="model-name")
+        name = gr.Textbox(value="embedded", label="Model", placeholder=", ".join(examples), scale=4, elem_id="model-name")
         load_button = gr.Button("Load model", variant="primary", scale=1, elem_id="model-load")
     status = gr.Markdown(bench.model_summary(), label="model summary", elem_id="model-status")
     info = gr.JSON(value=bench.info.to_dict(), label="ModelInfo", elem_id="model-info")

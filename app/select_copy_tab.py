@@ -9,7 +9,9 @@ end of a multiple-choice prompt points at the right option's label, against the 
 3. The ablation check: mean/zero-ablate the top-k heads (by accuracy over all scored questions)
    vs random k-head sets on the `mcqa` task (fresh questions), the model's letter accuracy.
 
-A view only: scores, tables, figures and summaries come from `headlab.scorers.select_copy`.
+A view only: scores, tables, figures and summaries come from `headlab.scorers.select_copy`. Your own
+questions come as an uploaded JSONL/CSV file or a path inside the app's files folder (`Workbench.files`);
+errors about them name the line and the problem, never the file's text.
 """
 from dataclasses import dataclass
 
@@ -19,15 +21,16 @@ import headlab as hl
 import headlab.scorers.select_copy as sc
 import headlab.tasks.mcqa  # noqa: F401  registers the "mcqa" task
 from app.feedback import progress_to, shows_errors
-from app.inputs import check_count
+from app.forms import CheckForm, check_form
+from app.inputs import check_count, hiding_file_text
 from app.workbench import Workbench
-from headlab.ablation.methods import parameterless_methods
 from headlab.heads import format_heads
 from headlab.scorers import scorer_fields
 
 MAX_N, MAX_N_RANDOM = 1024, 20
 TOP_K = 12
 VARIANT_CHOICES = {sc.VARIANT_TEXT[v]: v for v in sc.VARIANTS}
+SYNTHETIC = ("", "synthetic")  # the dataset field's built-in values
 INTRO = (
     "A **select-and-copy head** (Tulchinskii et al. 2024) looks, from the last prompt token, at the label of the right "
     "option (\"B\" of \"B. banana\"): its pre-softmax **QK-score** on the labels picks the answer, sometimes better than "
@@ -41,6 +44,7 @@ class SelectCopyTab:
     seed: gr.Number
     chat: gr.Checkbox
     dataset: gr.Textbox
+    dataset_file: gr.File
     variant: gr.Radio
     example: gr.Number
     score_button: gr.Button
@@ -49,19 +53,16 @@ class SelectCopyTab:
     top: gr.Dataframe
     example_text: gr.Markdown
     example_plot: gr.Plot
-    k: gr.Number
-    n_random: gr.Number
-    task_n: gr.Number
-    method: gr.Radio
-    check_button: gr.Button
-    check_summary: gr.Markdown
-    check_plot: gr.Plot
-    check_table: gr.Dataframe
+    check: CheckForm
 
 
-def select_copy_scores(bench: Workbench, n: int, seed: int, chat: bool = True, dataset: str = "") -> hl.HeadScores:
-    """The select_copy run of this form (synthetic questions unless `dataset` names a JSONL/CSV file), stored or computed."""
-    return hl.score(bench.lab, "select_copy", n=n, seed=seed, chat=bool(chat), dataset=(dataset or "").strip() or None)
+def select_copy_scores(bench: Workbench, n: int, seed: int, chat: bool = True, dataset: str = "",
+                       dataset_file: str | None = None) -> hl.HeadScores:
+    """The select_copy run of this form, stored or computed: synthetic questions unless `dataset_file` (an
+    upload) or `dataset` (a path in the app's files folder) names a JSONL/CSV file."""
+    source = bench.files.user_file(dataset, dataset_file, SYNTHETIC, "dataset")
+    with hiding_file_text(source if source not in SYNTHETIC else None):
+        return hl.score(bench.lab, "select_copy", n=n, seed=seed, chat=bool(chat), dataset=source or None)
 
 
 def layout() -> SelectCopyTab:
@@ -72,7 +73,10 @@ def layout() -> SelectCopyTab:
         n = gr.Number(fields["n"], precision=0, label="questions (n)", elem_id="select-copy-n")
         seed = gr.Number(fields["seed"], precision=0, label="seed", elem_id="select-copy-seed")
         chat = gr.Checkbox(fields["chat"], label="chat template", elem_id="select-copy-chat")
-        dataset = gr.Textbox(fields["dataset"] or "", label="your questions (JSONL/CSV path; empty = synthetic)", elem_id="select-copy-dataset")
+        dataset = gr.Textbox(fields["dataset"] or "", label="your questions (a JSONL/CSV path in the app's files folder; empty = synthetic)",
+                             elem_id="select-copy-dataset")
+        dataset_file = gr.File(label="or upload your questions (JSONL/CSV)", type="filepath", file_count="single",
+                               file_types=[".jsonl", ".ndjson", ".json", ".csv", ".tsv"], elem_id="select-copy-dataset-file")
     with gr.Row():
         variant = gr.Radio(list(VARIANT_CHOICES), value=list(VARIANT_CHOICES)[0], label="heatmap shows", elem_id="select-copy-variant", scale=3)
         example = gr.Number(0, precision=0, label="example test question #", elem_id="select-copy-example", scale=1)
@@ -85,51 +89,42 @@ def layout() -> SelectCopyTab:
         example_text = gr.Markdown(elem_id="select-copy-example-text")
         example_plot = gr.Plot(label="best head's QK-scores per option", elem_id="select-copy-example-plot")
     gr.Markdown("### Ablation check: top-k select-and-copy heads vs random heads, on fresh questions")
-    with gr.Row():
-        k = gr.Number(check.ks[0], precision=0, label="k (heads)", elem_id="select-copy-k")
-        n_random = gr.Number(check.n_random, precision=0, label="random sets", elem_id="select-copy-n-random")
-        task_n = gr.Number(check.n, precision=0, label="task questions", elem_id="select-copy-task-n")
-        method = gr.Radio(parameterless_methods(), value=check.method, label="ablation", elem_id="select-copy-method")
-        check_button = gr.Button("Ablate top-k vs random-k", elem_id="select-copy-check")
-    check_summary = gr.Markdown(elem_id="select-copy-check-summary")
-    with gr.Row():
-        check_plot = gr.Plot(label="top-k vs random-k", elem_id="select-copy-check-plot")
-        check_table = gr.Dataframe(label="mcqa accuracy", interactive=False, elem_id="select-copy-check-table")
-    return SelectCopyTab(n, seed, chat, dataset, variant, example, score_button, status, heatmap, top, example_text,
-                         example_plot, k, n_random, task_n, method, check_button, check_summary, check_plot, check_table)
+    form = check_form(check, "select-copy", "task questions", "Ablate top-k vs random-k", "mcqa accuracy")
+    return SelectCopyTab(n, seed, chat, dataset, dataset_file, variant, example, score_button, status, heatmap, top, example_text,
+                         example_plot, check=form)
 
 
 def wire(tab: SelectCopyTab, bench: Workbench, concurrency_id: str) -> None:
     """The tab's events: each reads the run from the form and shows what the library returns."""
 
-    def read_form(n_value, seed_value, chat_value, dataset_value) -> hl.HeadScores:
+    def read_form(n_value, seed_value, chat_value, dataset_value, dataset_file) -> hl.HeadScores:
         return select_copy_scores(bench, check_count(n_value, "questions (n)", 2, MAX_N), check_count(seed_value, "seed", 0, 2**31 - 1),
-                                  chat_value, dataset_value)
+                                  chat_value, dataset_value, dataset_file)
 
     @shows_errors
-    def score(*form, progress=gr.Progress()) -> tuple:
-        *run, variant_label, example_value = form
+    def score(n, seed, chat, dataset, variant, example, dataset_file=None, progress=gr.Progress()) -> tuple:
         progress(0.0, desc="scoring select-and-copy heads (a stored run is read)")
-        scores = read_form(*run)
-        example = sc.example_question(scores, check_count(example_value, "example question", 0, MAX_N))
-        return (sc.accuracy_heatmap(scores, VARIANT_CHOICES[variant_label]), sc.validation_frame(scores, TOP_K),
-                sc.summary(scores), example.summary(), example.figure())
+        scores = read_form(n, seed, chat, dataset, dataset_file)
+        with hiding_file_text(scores.params["dataset"]):  # the example re-reads the questions
+            example_question = sc.example_question(scores, check_count(example, "example question", 0, MAX_N))
+        return (sc.accuracy_heatmap(scores, VARIANT_CHOICES[variant]), sc.validation_frame(scores, TOP_K),
+                sc.summary(scores), example_question.summary(), example_question.figure())
 
     @shows_errors
-    def check(*form, progress=gr.Progress()) -> tuple:
-        *run, k_value, n_random_value, task_n_value, method_value = form
-        k_heads = check_count(k_value, "k", 1, bench.info.n_layers * bench.info.n_heads // 2)
-        curve = sc.ablation_check(bench.lab, read_form(*run), k_heads, check_count(n_random_value, "random sets", 1, MAX_N_RANDOM),
-                                  check_count(task_n_value, "task questions", 1, MAX_N), method_value, progress=progress_to(progress))
+    def check(n, seed, chat, dataset, k, n_random, task_n, method, dataset_file=None, progress=gr.Progress()) -> tuple:
+        k_heads = check_count(k, "k", 1, bench.info.n_layers * bench.info.n_heads // 2)
+        curve = sc.ablation_check(bench.lab, read_form(n, seed, chat, dataset, dataset_file), k_heads,
+                                  check_count(n_random, "random sets", 1, MAX_N_RANDOM), check_count(task_n, "task questions", 1, MAX_N),
+                                  method, progress=progress_to(progress))
         return f"{curve.summary()} Top-{k_heads}: {format_heads(curve.top_heads[0])}.", curve.figure(), curve.to_frame()
 
     form = [tab.n, tab.seed, tab.chat, tab.dataset]
     lab_job = {"concurrency_id": concurrency_id}
-    tab.score_button.click(score, inputs=[*form, tab.variant, tab.example],
+    tab.score_button.click(score, inputs=[*form, tab.variant, tab.example, tab.dataset_file],
                            outputs=[tab.heatmap, tab.top, tab.status, tab.example_text, tab.example_plot],
                            api_name="select_copy", **lab_job)
-    tab.check_button.click(check, inputs=[*form, tab.k, tab.n_random, tab.task_n, tab.method],
-                           outputs=[tab.check_summary, tab.check_plot, tab.check_table], api_name="select_copy_check", **lab_job)
+    tab.check.button.click(check, inputs=[*form, *tab.check.inputs, tab.dataset_file],
+                           outputs=tab.check.outputs, api_name="select_copy_check", **lab_job)
 
 
 def build_select_copy_tab(bench: Workbench, concurrency_id: str) -> SelectCopyTab:

@@ -17,9 +17,9 @@ import headlab as hl
 import headlab.scorers.successor as succ
 import headlab.tasks.successor  # noqa: F401  (registers the "successor" task)
 from app.feedback import progress_to, selected_row, shows_errors
+from app.forms import CheckForm, check_form
 from app.inputs import check_count
 from app.workbench import Workbench
-from headlab.ablation.methods import parameterless_methods
 from headlab.heads import format_heads, parse_heads
 from headlab.scorers import scorer_fields
 
@@ -46,14 +46,7 @@ class SuccessorTab:
     head_button: gr.Button
     head_tasks: gr.Dataframe
     head_items: gr.Dataframe
-    k: gr.Number
-    n_random: gr.Number
-    task_n: gr.Number
-    method: gr.Dropdown
-    check_button: gr.Button
-    check_summary: gr.Markdown
-    check_plot: gr.Plot
-    check_table: gr.Dataframe
+    check: CheckForm
 
 
 def successor_scores(bench: Workbench, embedding: str | None = None, final_norm: bool | None = None,
@@ -85,18 +78,9 @@ def layout() -> SuccessorTab:
         head_tasks = gr.Dataframe(label="accuracy per list", interactive=False, elem_id="successor-head-tasks")
         head_items = gr.Dataframe(label="prediction per item", interactive=False, elem_id="successor-head-items")
     gr.Markdown("### Behaviour: continue 'Monday, Tuesday, Wednesday,' with the top heads ablated vs random heads")
-    with gr.Row():
-        k = gr.Number(check.ks[0], precision=0, label="k (heads ablated)", elem_id="successor-k")
-        n_random = gr.Number(check.n_random, precision=0, label="random sets", elem_id="successor-n-random")
-        task_n = gr.Number(check.n, precision=0, label="prompts (n)", elem_id="successor-task-n")
-        method = gr.Dropdown(parameterless_methods(), value=check.method, label="ablation", elem_id="successor-method")
-        check_button = gr.Button("Run behavioural check", variant="primary", elem_id="successor-check")
-    check_summary = gr.Markdown(elem_id="successor-check-summary")
-    with gr.Row():
-        check_plot = gr.Plot(label="top-k vs random-k", elem_id="successor-check-plot")
-        check_table = gr.Dataframe(label="accuracy per k", interactive=False, elem_id="successor-check-table")
+    form = check_form(check, "successor", "prompts (n)", "Run behavioural check", "accuracy per k")
     return SuccessorTab(embedding, final_norm, center, exclude_self, score_button, status, heatmap, top, head, head_button,
-                        head_tasks, head_items, k, n_random, task_n, method, check_button, check_summary, check_plot, check_table)
+                        head_tasks, head_items, check=form)
 
 
 def wire(tab: SuccessorTab, bench: Workbench, concurrency_id: str) -> None:
@@ -138,8 +122,8 @@ def wire(tab: SuccessorTab, bench: Workbench, concurrency_id: str) -> None:
     tab.head_button.click(show_head, inputs=[*variant, tab.head], outputs=[tab.head_tasks, tab.head_items],
                           api_name="successor_head", **lab_job)
     tab.top.select(pick_row, inputs=[tab.top], outputs=[tab.head], api_visibility="private")
-    tab.check_button.click(run_check, inputs=[*variant, tab.k, tab.n_random, tab.task_n, tab.method],
-                           outputs=[tab.check_summary, tab.check_plot, tab.check_table], api_name="successor_check", **lab_job)
+    tab.check.button.click(run_check, inputs=[*variant, *tab.check.inputs],
+                           outputs=tab.check.outputs, api_name="successor_check", **lab_job)
 
 
 def build_successor_tab(bench: Workbench, concurrency_id: str) -> SuccessorTab:

@@ -3,12 +3,14 @@
 Plain Python on top of `headlab` (no gradio). Tabs call library functions with `bench.lab`; the
 workbench only loads models, describes the current one, and finds stored runs without computing.
 Long actions take a `progress(fraction, message)` callback. The app runs one job at a time, so the
-workbench needs no locking of its own.
+workbench needs no locking of its own. `files` (an `app.inputs.FileAccess`) says which server files and
+model folders the app's inputs may read.
 """
 from pathlib import Path
 from typing import Callable
 
 import headlab as hl
+from app.inputs import BUILTIN_MODELS, FileAccess
 from headlab import store
 
 Progress = Callable[[float, str], None]
@@ -21,8 +23,9 @@ def _no_progress(fraction: float, message: str) -> None:
 class Workbench:
     """Holds the current `Lab`; a failed `load` leaves it unchanged."""
 
-    def __init__(self, lab: hl.Lab):
+    def __init__(self, lab: hl.Lab, files: FileAccess | None = None):
         self.lab = lab
+        self.files = files if files is not None else FileAccess()
         self.loads = 0  # successful `load` calls, so the UI can tell that the model changed
 
     @property
@@ -30,12 +33,24 @@ class Workbench:
         return self.lab.info
 
     def load(self, name_or_path: str, progress: Progress = _no_progress) -> hl.Lab:
-        """Load a model and make it current. Raises `hl.ModelLoadError`; the previous model stays."""
+        """Load a model and make it current. Raises `hl.ModelLoadError`; the previous model stays.
+
+        Only what `self.files` allows is loaded; a refused path and a missing one get the same message.
+        """
         name_or_path = (name_or_path or "").strip()
         if not name_or_path:
             raise ValueError("Type a model: 'embedded', a Hugging Face name such as 'gpt2', or a local folder.")
+        source = self.files.model_source(name_or_path)
         progress(0.0, f"loading {name_or_path}")
-        lab = hl.load(name_or_path)
+        try:
+            lab = hl.load(source)
+        except hl.ModelLoadError as err:
+            # Outside the open mode, a hub name that cannot be fetched gets the refusal's words, so the
+            # message cannot tell a path refused above from a name the hub does not know.
+            hub_name = source == name_or_path and source not in BUILTIN_MODELS
+            if hub_name and not self.files.any_folder and isinstance(err.__cause__, OSError):
+                raise self.files.model_refused(name_or_path) from err
+            raise
         self.lab = lab
         self.loads += 1
         progress(1.0, f"loaded {lab.info.name}")

@@ -4,6 +4,10 @@ Defaults are read, never retyped: a scorer's from its dataclass, an ablation met
 generated from the registered methods' fields (`headlab.ablation.METHODS`), the curve's from
 `CurveConfig`, a mask's from `MaskConfig`. A flag left out is not passed, so the library's own
 default applies.
+
+Every input is checked (`headlab.validate`) before any work starts: what needs no model before the
+model loads, heads, k, ks and contexts against the loaded model before anything is computed. A bad
+input, like every expected error (`headlab.errors`), is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import json
 import sys
 from typing import Callable
 
-from headlab import store
-from headlab.heads import format_heads, head_label, parse_heads
+from headlab import store, validate
+from headlab.heads import format_heads, head_label
 
 JSON_HELP = "print JSON"
 
@@ -46,10 +50,19 @@ def _given(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _load(args):
+def load_lab(args):
+    """The model `--model` names; its own code runs only with `--trust-remote-code`."""
     import headlab as hl
 
-    return hl.load(args.model, device=args.device)
+    return hl.load(args.model, device=args.device, **_given(trust_remote_code=True if args.trust_remote_code else None))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line `headlab: error: ...` (exit 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"headlab: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # --- ablation method flags, generated from the registered methods' fields ---------------------------
@@ -116,8 +129,9 @@ def chosen_method_params(args) -> dict:
 # --- commands ---------------------------------------------------------------------------------------
 
 def score_params(args) -> dict:
-    """`--param` pairs plus `--n` / `--seed` when given, checked against the scorer's fields before any model loads."""
-    from headlab.scorers import scorer_fields
+    """`--param` pairs plus `--n` / `--seed` when given, checked against the scorer's fields and their types
+    before any model loads."""
+    from headlab.scorers import make_scorer, scorer_fields
 
     params = parse_assignments(args.param, "--param")
     takes = scorer_fields(args.kind)
@@ -126,6 +140,7 @@ def score_params(args) -> dict:
             raise ValueError(f"--{name}: score kind '{args.kind}' takes no parameter '{name}'; "
                              f"it takes {', '.join(takes)}.")
         params[name] = value
+    make_scorer(args.kind, **params)  # the types and counts, checked now
     return params
 
 
@@ -133,9 +148,11 @@ def cmd_score(args) -> int:
     import headlab as hl
 
     params = score_params(args)
-    lab = _load(args)
+    validate.count(args.top, "--top")
+    out = validate.out_file(args.out) if args.out else None
+    lab = load_lab(args)
     scores = hl.score(lab, args.kind, recompute=args.recompute, **params)
-    path = scores.save(args.out) if args.out else scores.path()
+    path = scores.save(out) if out else scores.path()
     top = scores.top(args.top)
     if args.json:
         print(json.dumps({"kind": scores.kind, "model": scores.model, "params": scores.params, "path": str(path),
@@ -154,24 +171,44 @@ def _print_frame(frame, as_json: bool) -> None:
 def _run_curve(lab, args, method_params: dict, task_params: dict, score_params: dict) -> int:
     import headlab as hl
 
+    ks = validate.curve_ks(validate.int_list(args.ks, "--ks"), lab.info)
     scores = hl.score(lab, args.kind, **score_params)
-    curve = hl.ablation_curve(lab, scores, task=args.task, ks=_int_list(args.ks, "--ks"), method=args.method,
+    curve = hl.ablation_curve(lab, scores, task=args.task, ks=ks, method=args.method,
                               n_random=args.n_random, task_params=task_params, method_params=method_params,
                               recompute=args.recompute, **_given(n=args.n, seed=args.seed))
     _print_frame(curve.to_frame(), args.json)
     return 0
 
 
-def cmd_ablate(args) -> int:
-    import headlab as hl
+def _ablate_inputs(args) -> tuple[dict, dict, dict]:
+    """The method, task and score parameters of `ablate`, checked before the model loads."""
+    from headlab.scorers import make_scorer
 
     method_params = chosen_method_params(args)
     task_params = parse_assignments(args.task_param, "--task-param")
     score_params = parse_assignments(args.param, "--param")
-    lab = _load(args)
+    for value, flag in ((args.n, "--n"), (args.n_random, "--n-random")):
+        if value is not None:
+            validate.count(value, flag)
+    if args.curve:
+        validate.int_list(args.ks, "--ks")
+    if args.curve or args.heads is None:
+        make_scorer(args.kind, **score_params)
+    return method_params, task_params, score_params
+
+
+def cmd_ablate(args) -> int:
+    import headlab as hl
+
+    method_params, task_params, score_params = _ablate_inputs(args)
+    lab = load_lab(args)
     if args.curve:
         return _run_curve(lab, args, method_params, task_params, score_params)
-    heads = parse_heads(args.heads, lab.info) if args.heads else hl.score(lab, args.kind, **score_params).top_heads(args.k)
+    if args.heads is not None:  # an empty --heads '' is an error, never "the top-k"
+        heads = validate.heads(args.heads, lab.info)
+    else:
+        k = validate.top_k(args.k, lab.info)
+        heads = hl.score(lab, args.kind, **score_params).top_heads(k)
     result = hl.ablate(lab, heads, task=args.task, method=args.method, task_params=task_params,
                        method_params=method_params, **_given(n=args.n, seed=args.seed))
     row = {"task": result.task, "metric": result.metric, "method": result.method, "method_params": result.method_params,
@@ -184,20 +221,35 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-def _make_mask(lab, args):
+def _mask_config(args) -> dict:
+    """The mask flags (`MaskConfig`'s fields), checked before the model loads; the score parameters too."""
+    from headlab.masks import MaskConfig
+    from headlab.scorers import make_scorer
+
+    config = dict(kind=args.kind, full_fraction=args.full_fraction, threshold=args.threshold, sink=args.sink,
+                  recent=args.recent, seed=args.seed)
+    MaskConfig(source=args.source, **config)
+    score_params = parse_assignments(args.param, "--param")
+    if args.source == "score":
+        make_scorer(args.kind, **score_params)
+    return {**config, "source": args.source, "score_params": score_params}
+
+
+def _make_mask(lab, config: dict):
     """The mask `--source` and the mask flags describe (`MaskConfig`'s fields)."""
     from headlab.masks import make_mask
 
-    return make_mask(lab, args.source, kind=args.kind, full_fraction=args.full_fraction, threshold=args.threshold,
-                     sink=args.sink, recent=args.recent, seed=args.seed,
-                     score_params=parse_assignments(args.param, "--param"))
+    return make_mask(lab, **config)
 
 
 def cmd_export_mask(args) -> int:
-    mask = _make_mask(_load(args), args)
-    paths = {"json": str(mask.save(args.out))}
-    if args.duo:
-        paths["duo"] = str(mask.save_duo(args.duo))
+    out = validate.out_file(args.out)
+    duo = validate.out_folder(args.duo) if args.duo else None
+    config = _mask_config(args)
+    mask = _make_mask(load_lab(args), config)
+    paths = {"json": str(mask.save(out))}
+    if duo:
+        paths["duo"] = str(mask.save_duo(duo))
     if args.json:
         print(json.dumps({"mask": repr(mask), "n_full": mask.n_full, "n_kv_heads": mask.full.numel(), **paths}))
     else:
@@ -205,37 +257,43 @@ def cmd_export_mask(args) -> int:
     return 0
 
 
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(item) for item in text.replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"{what} must be whole numbers separated by commas, e.g. 512,1024; got {text!r}.") from None
-
-
-def _float_list(text: str, what: str) -> list[float]:
-    try:
-        return [float(item) for item in text.replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"{what} must be numbers separated by commas, e.g. 0.1,0.5; got {text!r}.") from None
-
-
 def _same_budget_quality(lab, mask, args) -> list[dict]:
     """Needle accuracy and KL of `mask` vs a random and an all-streaming mask of the same budget."""
     from headlab.runtime.quality import quality_at_budget
 
-    frame = quality_at_budget(lab, mask, lengths=_int_list(args.lengths, "--lengths"),
-                              depths=_float_list(args.depths, "--depths"), n=args.n)
+    frame = quality_at_budget(lab, mask, lengths=validate.contexts(validate.int_list(args.lengths, "--lengths"),
+                                                                   lab.info, "--lengths"),
+                              depths=validate.float_list(args.depths, "--depths"), n=args.n)
     return frame.to_dict(orient="records")
+
+
+def _bench_inputs(args) -> dict:
+    """What `bench-runtime` measures, checked before the model loads (contexts again against it after)."""
+    from headlab.runtime.benchmark import KINDS
+
+    inputs = {"caches": validate.caches(args.caches, KINDS), "contexts": validate.int_list(args.contexts, "--contexts"),
+              "new_tokens": validate.count(args.new_tokens, "--new-tokens")}
+    if args.quality:
+        validate.count(args.n, "--n")
+        validate.int_list(args.lengths, "--lengths")
+        validate.float_list(args.depths, "--depths")
+    if not args.mask:
+        inputs["mask_config"] = _mask_config(args)
+    return inputs
 
 
 def cmd_bench_runtime(args) -> int:
     from headlab import runtime
     from headlab.masks import HeadMask
 
-    lab = _load(args)
-    mask = HeadMask.load(args.mask, info=lab.info) if args.mask else _make_mask(lab, args)
-    table = runtime.measure(lab, mask, contexts=_int_list(args.contexts, "--contexts"), new_tokens=args.new_tokens,
-                            kinds=[kind.strip() for kind in args.caches.split(",") if kind.strip()])
+    inputs = _bench_inputs(args)
+    lab = load_lab(args)
+    from headlab.runtime import benchmark
+
+    warmup = inspect.signature(benchmark.measure).parameters["warmup"].default  # decode steps before the timed ones
+    contexts = validate.contexts(inputs["contexts"], lab.info, extra_tokens=inputs["new_tokens"] + warmup)
+    mask = HeadMask.load(args.mask, info=lab.info) if args.mask else _make_mask(lab, inputs["mask_config"])
+    table = runtime.measure(lab, mask, contexts=contexts, new_tokens=inputs["new_tokens"], kinds=inputs["caches"])
     out = {"mask": repr(mask), "measure": table.to_dict(orient="records")}
     if args.quality:
         out["quality"] = _same_budget_quality(lab, mask, args)
@@ -263,9 +321,15 @@ def cmd_runs(args) -> int:
 
 
 def cmd_app(args) -> int:
+    """Serve the app; a non-loopback --host without --allow-remote is refused before the model loads
+    (`launch` prints what a remote app exposes when it starts)."""
     from app.main import launch
 
-    launch(host=args.host, port=args.port, lab=_load(args))
+    auth = validate.auth_pair(args.auth)
+    files_dir = validate.files_dir(args.files_dir)
+    validate.serve_host(args.host, args.allow_remote)
+    launch(host=args.host, port=args.port, lab=load_lab(args), allow_remote=args.allow_remote, auth=auth,
+           files_dir=files_dir)
     return 0
 
 
@@ -274,6 +338,8 @@ def cmd_app(args) -> int:
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face name or a local folder")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model folder or hub repository run its own Python code (only for code you trust)")
 
 
 def _score_source_args(p: argparse.ArgumentParser, kind: str, kind_help: str) -> None:
@@ -371,8 +437,14 @@ def runs_args(p: argparse.ArgumentParser) -> None:
 
 
 def app_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="required for a --host other than 127.0.0.1/localhost/::1: the app then runs the model, "
+                        "uses this machine's compute and reads --files-dir for anyone who can reach it")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login (Gradio's own auth)")
+    p.add_argument("--files-dir", default=None, metavar="DIR",
+                   help="the one folder whose files the app may read (haystacks, datasets); default: uploads only")
     model_args(p)
 
 
@@ -392,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `headlab` parser, built from the registries as they are now (scorers, tasks, ablation methods)."""
     from headlab.circuits.cli import add_channels_parser
 
-    parser = argparse.ArgumentParser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
+    parser = _Parser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, add_args, command in COMMANDS:
         command_parser = sub.add_parser(name, help=help_text)
@@ -406,7 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from headlab.errors import EXPECTED_ERRORS, user_message
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, one line already printed)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
     except EXPECTED_ERRORS as err:

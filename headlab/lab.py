@@ -10,7 +10,12 @@ from headlab import store
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shape facts of a loaded model. `n_kv_heads < n_heads` means grouped-query attention."""
+    """Shape facts of a loaded model. `n_kv_heads < n_heads` means grouped-query attention.
+
+    `fingerprint` identifies a model loaded from a local folder (a hash of its resolved path and its files'
+    names, sizes and modification times, see `loading.folder_fingerprint`); it is None for the embedded
+    models, hub names and `hl.from_model`, which are keyed by their name alone.
+    """
 
     name: str
     n_layers: int
@@ -21,11 +26,14 @@ class ModelInfo:
     n_ctx: int
     d_vocab: int
     architecture: str
+    fingerprint: str | None = None
 
     @property
     def slug(self) -> str:
-        """File-system name of the model, used for `cached_runs/<slug>/`."""
-        return store.slugify(self.name)
+        """File-system name of the model, used for `cached_runs/<slug>/`: the slugified name, followed by
+        `-<fingerprint[:10]>` when the model has a fingerprint, so two folders both called `model` never share runs."""
+        name = store.slugify(self.name)
+        return f"{name}-{self.fingerprint[:10]}" if self.fingerprint else name
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,16 +4,25 @@ Every path ends in the same place: a transformers causal LM with eager attention
 TransformerLens `TransformerBridge` (`TransformerBridge.boot_transformers(name, hf_model=...)`).
 The embedded model is dequantized from the GGUF once and cached as a safetensors folder under
 `$HEADLAB_CACHE` (default `~/.cache/headlab`); later loads read that folder like any local model.
+
+A model's own Python code (a config.json `auto_map`) never runs unless `load(..., trust_remote_code=True)` asks
+for it: every transformers call passes `trust_remote_code` explicitly, so nothing is ever asked on stdin. A local
+folder is keyed in the results store by a fingerprint of its resolved path and files (`folder_fingerprint`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -31,6 +40,16 @@ REFUSAL_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "cached_runs" / "
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
+
+
+class Source(NamedTuple):
+    """What `load` hands transformers and the bridge for one model name or folder."""
+
+    source: str | Path  # the folder or hub name transformers reads
+    display_name: str  # `ModelInfo.name`
+    adapter_name: str  # the name the TransformerBridge is booted under
+    local_only: bool  # never touch the network
+    fingerprint: str | None = None  # `ModelInfo.fingerprint`: local folders only
 
 
 def cache_dir() -> Path:
@@ -70,8 +89,9 @@ def ensure_embedded_folder() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The GGUF weights are already dequantized to float32 in memory; drop the GGUF "quantizer"
     # record so transformers saves them as plain safetensors.
     model.hf_quantizer = None
@@ -101,11 +121,40 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+_PROMPT_GUARD = threading.Lock()
+_PROMPT_GUARD_STATE: list = [0, None]  # [loads inside the guard, transformers' own timeout to restore]
+
+
+@contextmanager
+def _never_prompt() -> Iterator[None]:
+    """Inside, a transformers call that was not given `trust_remote_code` raises instead of asking on stdin.
+
+    TransformerLens reloads the tokenizer without passing `trust_remote_code` (to add a BOS token); with a 0 s
+    timeout transformers raises its "requires you to execute custom code" ValueError there instead of its
+    [y/N] prompt, and TransformerLens keeps the tokenizer it was given.
+    """
+    from transformers import dynamic_module_utils as dynamic
+
+    with _PROMPT_GUARD:
+        if _PROMPT_GUARD_STATE[0] == 0:
+            _PROMPT_GUARD_STATE[1] = dynamic.TIME_OUT_REMOTE_CODE
+            dynamic.TIME_OUT_REMOTE_CODE = 0
+        _PROMPT_GUARD_STATE[0] += 1
+    try:
+        yield
+    finally:
+        with _PROMPT_GUARD:
+            _PROMPT_GUARD_STATE[0] -= 1
+            if _PROMPT_GUARD_STATE[0] == 0:
+                dynamic.TIME_OUT_REMOTE_CODE = _PROMPT_GUARD_STATE[1]
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | str | None = None) -> Lab:
+def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | str | None = None, *,
+         trust_remote_code: bool = False) -> Lab:
     """Load a model and wrap it in a TransformerBridge.
 
     Args:
@@ -115,6 +164,8 @@ def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.d
             name such as "gpt2" or "Qwen/Qwen2.5-0.5B".
         device: "cpu", "cuda", ...; default CUDA when available.
         dtype: torch dtype or its name ("float32", "bfloat16"); default float32.
+        trust_remote_code: run the model's own Python code (a config.json `auto_map`). Off by default: such a
+            model then fails at once with a `ModelLoadError`; turn it on only for code you have read and trust.
     """
     from transformers.utils import logging as hf_logging
 
@@ -124,20 +175,18 @@ def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.d
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
     started = time.perf_counter()
-    if name_or_path == EMBEDDED:
-        source, display_name, adapter_name = ensure_embedded_folder(), EMBEDDED_NAME, EMBEDDED_HF_NAME
-        local_only = True
-    elif name_or_path == EMBEDDED_REFUSAL:
-        adapter_dir = _refusal_adapter_dir()
-        source, display_name, adapter_name = ensure_embedded_folder(), EMBEDDED_REFUSAL_NAME, EMBEDDED_HF_NAME
-        local_only = True
+    if name_or_path in (EMBEDDED, EMBEDDED_REFUSAL):
+        adapter_dir = _refusal_adapter_dir() if name_or_path == EMBEDDED_REFUSAL else None
+        display_name = EMBEDDED_REFUSAL_NAME if adapter_dir else EMBEDDED_NAME
+        spec = Source(ensure_embedded_folder(), display_name, EMBEDDED_HF_NAME, local_only=True)
     else:
-        source, display_name, adapter_name, local_only = _resolve(name_or_path)
-    hf_model, tokenizer = _load_transformers(source, display_name, dtype, local_only)
-    if name_or_path == EMBEDDED_REFUSAL:
+        adapter_dir, spec = None, _resolve(name_or_path, trust_remote_code)
+    hf_model, tokenizer = _load_transformers(spec, dtype, trust_remote_code)
+    if adapter_dir is not None:
         hf_model = _merge_adapter(hf_model, adapter_dir)
     hf_model = hf_model.to(device)  # boot_transformers leaves a model it is handed on the device it is on
-    lab = _boot(adapter_name, display_name, hf_model, tokenizer, device, dtype)
+    lab = _boot(spec.adapter_name, spec.display_name, hf_model, tokenizer, device, dtype,
+                fingerprint=spec.fingerprint, trust_remote_code=trust_remote_code)
     lab.load_seconds = time.perf_counter() - started
     return lab
 
@@ -167,7 +216,7 @@ def _merge_adapter(hf_model, folder: Path):
     return merged
 
 
-def _resolve(name_or_path: str) -> tuple[str | Path, str, str, bool]:
+def _resolve(name_or_path: str, trust_remote_code: bool) -> Source:
     """Decide whether `name_or_path` is a local folder or a hub name, failing early and plainly."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -176,39 +225,90 @@ def _resolve(name_or_path: str) -> tuple[str | Path, str, str, bool]:
                 f"'{name_or_path}' is a folder but has no config.json: point at a folder saved with "
                 "`save_pretrained` (config.json, weights, tokenizer files)."
             )
-        return path, path.name, path.name, True
+        path = path.resolve()
+        if not trust_remote_code:
+            _refuse_custom_code_files(path)
+        return Source(path, path.name, str(path), True, folder_fingerprint(path))
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise ModelLoadError(f"'{name_or_path}' is not a model folder: no such directory.")
-    return name_or_path, name_or_path, name_or_path, not _hub_reachable()
+    return Source(name_or_path, name_or_path, name_or_path, not _hub_reachable())
 
 
-def _load_transformers(source, display_name: str, dtype: torch.dtype, local_only: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def folder_fingerprint(folder: Path) -> str:
+    """A sha256 (hex) of a model folder's resolved path and of every file in it: name, size, modification time (ns).
+
+    Cheap (one `stat` per file, no reading): `save_pretrained` rewriting any weights, config or tokenizer file changes
+    it, and two folders never share it. Hashing the weights' contents would cost a full extra read of every load
+    (seconds to minutes on multi-GB models) to also catch a same-size file replaced with its old mtime restored; a
+    false change (a `touch`, a copy) only costs a recomputation, never a wrong result.
+    """
+    folder = Path(folder).resolve()
+    digest = hashlib.sha256(str(folder).encode())
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stat = path.stat()  # follows links, as transformers does (HF cache snapshots link to blobs)
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _custom_code_error(name: str, where: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"'{name}' needs custom code: {where} names the model's own Python files (auto_map), which headlab does "
+        "not run unless asked. Read that code; if you trust it, load with hl.load(..., trust_remote_code=True) "
+        "(CLI: --trust-remote-code)."
+    )
+
+
+def _refuse_custom_code_files(folder: Path) -> None:
+    """Raise `ModelLoadError` when the folder's config.json needs the folder's own code: an `auto_map` for a model type
+    transformers does not ship. (A known type with a leftover `auto_map` loads with transformers' own classes.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", local_files_only=local_only
-        )
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"Could not read {folder / 'config.json'}: {err}. Re-save the model with save_pretrained.") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a transformers config (a JSON object): re-save the model.")
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise _custom_code_error(str(folder), f"its config.json (model type {config.get('model_type')!r})")
+
+
+def _load_transformers(spec: Source, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    options = {"local_files_only": spec.local_only, "trust_remote_code": trust_remote_code}
+    try:
+        with _never_prompt():
+            AutoConfig.from_pretrained(spec.source, **options)  # a type transformers lacks fails here, running nothing
+            tokenizer = AutoTokenizer.from_pretrained(spec.source, **options)
+            hf_model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype, attn_implementation="eager",
+                                                            **options)
     except (OSError, ValueError) as err:
-        if local_only and not Path(str(source)).is_dir():
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise _custom_code_error(spec.display_name, "its config or tokenizer") from err
+        if spec.local_only and not Path(str(spec.source)).is_dir():
             raise ModelLoadError(
-                f"Could not load '{display_name}': it is not a local folder, it is not in the Hugging "
-                "Face cache, and huggingface.co cannot be reached (no network). Load 'embedded', pass "
-                "a local folder saved with save_pretrained, or run where the hub is reachable."
+                f"Could not load '{spec.display_name}': it is not a local folder, it is not in the Hugging "
+                "Face cache, and huggingface.co cannot be reached (no network, or HF_HUB_OFFLINE is set). Load "
+                "'embedded', pass a local folder saved with save_pretrained, or run where the hub is reachable."
             ) from err
-        raise ModelLoadError(f"Could not load '{display_name}': {err}") from err
+        raise ModelLoadError(f"Could not load '{spec.display_name}': {err}") from err
     hf_model.eval()
     return hf_model, tokenizer
 
 
-def _boot(adapter_name: str, display_name: str, hf_model, tokenizer, device: str, dtype: torch.dtype) -> Lab:
+def _boot(adapter_name: str, display_name: str, hf_model, tokenizer, device: str, dtype: torch.dtype, *,
+          fingerprint: str | None = None, trust_remote_code: bool = False) -> Lab:
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(
-            adapter_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-        )
+        with _never_prompt():
+            bridge = TransformerBridge.boot_transformers(
+                adapter_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as err:  # the adapter factory raises many types for unsupported architectures
         arch = getattr(hf_model.config, "architectures", None)
         raise ModelLoadError(
@@ -226,6 +326,7 @@ def _boot(adapter_name: str, display_name: str, hf_model, tokenizer, device: str
         n_ctx=cfg.n_ctx,
         d_vocab=cfg.d_vocab,
         architecture=type(hf_model).__name__,
+        fingerprint=fingerprint,
     )
     return Lab(model=bridge, tokenizer=tokenizer, info=info, device=str(device), dtype=dtype)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from headlab import store
+from headlab import store, validate
 from headlab.scores import Head, HeadScores
 
 FORMAT = "headlab.head_mask/v1"
@@ -50,10 +50,7 @@ def group_scores(values: torch.Tensor, n_kv_heads: int, group: str = "max") -> t
 
 
 def _check_window(sink: int, recent: int) -> tuple[int, int]:
-    sink, recent = int(sink), int(recent)
-    if sink < 0 or recent < 1:
-        raise ValueError(f"A streaming head needs sink >= 0 and recent >= 1 (the query sees itself); got sink={sink}, recent={recent}.")
-    return sink, recent
+    return validate.window(sink, recent)
 
 
 def _n_full(fraction: float, total: int) -> int:
@@ -86,6 +83,8 @@ class MaskConfig:
         if self.source not in MASK_SOURCES:
             raise ValueError(f"Mask source must be one of {', '.join(MASK_SOURCES)}; got {self.source!r}.")
         _n_full(self.full_fraction, 1)
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite score, not {self.threshold}.")
         _check_window(self.sink, self.recent)
 
 
@@ -271,8 +270,8 @@ class HeadMask:
         }
 
     def save(self, path: Path | str) -> Path:
-        """Write `headlab.head_mask/v1` JSON atomically; returns the path."""
-        path = Path(path)
+        """Write `headlab.head_mask/v1` JSON atomically (a `.json` path, not a folder); returns the path."""
+        path = validate.out_file(path, "A head mask's path", parent_must_exist=False)
         store.write_json(path, self.to_record())
         return path
 
@@ -304,20 +303,8 @@ class HeadMask:
 
     @classmethod
     def _load_json(cls, path: Path) -> "HeadMask":
-        try:
-            record = store.read_record(path, FORMAT, "head-mask")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}).") from err
-        missing = [k for k in ("n_layers", "n_kv_heads", "full", "sink", "recent") if k not in record]
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}.")
-        full = record["full"]
-        n_layers, n_kv = int(record["n_layers"]), int(record["n_kv_heads"])
-        if not isinstance(full, list) or len(full) != n_layers:
-            raise ValueError(f"{path}: 'full' has {len(full) if isinstance(full, list) else 'no'} rows, n_layers is {n_layers}.")
-        for i, row in enumerate(full):
-            if not isinstance(row, list) or len(row) != n_kv or any(v not in (0, 1, True, False) for v in row):
-                raise ValueError(f"{path}: 'full' row {i} must be {n_kv} values of 0 or 1, got {row!r}.")
+        record = validate.mask_record(_read_json(path), path, FORMAT)
+        full, n_layers, n_kv = record["full"], record["n_layers"], record["n_kv_heads"]
         return cls(model=record.get("model") or "", n_layers=n_layers, n_heads=record.get("n_heads"), n_kv_heads=n_kv,
                    full=torch.tensor(full, dtype=torch.bool).reshape(n_layers, n_kv), sink=record["sink"], recent=record["recent"],
                    source=record.get("source") or {}, scores=record.get("scores"))
@@ -328,16 +315,14 @@ class HeadMask:
             raise FileNotFoundError(f"{folder} is not a DuoAttention mask folder: it has no {DUO_TSV}.")
         values = read_duo_tsv(tsv)
         config_path = folder / DUO_CONFIG
-        config = {}
-        if config_path.exists():
-            try:
-                config = store.read_json(config_path)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{config_path} is not valid JSON ({err}).") from err
+        config = _read_json(config_path) if config_path.exists() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must be a JSON object with sink_size and recent_size.")
         missing = [k for k in ("sink_size", "recent_size") if k not in config]
         if missing:
             raise ValueError(f"{config_path} must give {' and '.join(missing)} (DuoAttention's streaming window).")
-        extra = config.get("headlab") or {}
+        validate.window(config["sink_size"], config["recent_size"], f"{config_path} (sink_size, recent_size)")
+        extra = config.get("headlab") if isinstance(config.get("headlab"), dict) else {}
         clipped = values.clamp(0.0, 1.0)
         n_layers, n_kv = values.shape
         return cls(
@@ -348,6 +333,14 @@ class HeadMask:
             source=extra.get("source") or {"kind": "duo_attention", "params": {"file": str(tsv)},
                                             "budget": {"threshold": DUO_THRESHOLD, "values": clipped.tolist()}},
         )
+
+
+def _read_json(path: Path):
+    """The JSON at `path`, any top-level type; a file that is not JSON text is a ValueError naming it."""
+    try:
+        return store.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from err
 
 
 def make_mask(lab, source: str = MaskConfig.source, *, score_params: dict | None = None, **config) -> HeadMask:
@@ -448,9 +441,11 @@ def _config_kv_heads(model_name: str) -> int | None:
             if config_path.exists():
                 return int(store.read_json(config_path)["num_key_value_heads"])
             return None
+        if Path(model_name).expanduser().exists():
+            return None  # a bare folder name could be another model in the working folder: ask the caller instead
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_name, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_name, local_files_only=True, trust_remote_code=False)
         return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     except Exception:  # no local config: the caller asks for n_kv_heads
         return None

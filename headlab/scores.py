@@ -12,6 +12,13 @@ from headlab.heads import Head, HeadGrid, head_label
 FORMAT = "headlab.head_scores/v1"
 
 
+def ranked(values: torch.Tensor) -> torch.Tensor:
+    """Indices of the 1-d `values`, highest first, ties in index order, NaN last."""
+    nan = values.isnan()
+    order = torch.argsort(values.masked_fill(nan, float("-inf")), descending=True, stable=True)
+    return torch.cat([order[~nan[order]], order[nan[order]]])
+
+
 @dataclass
 class HeadScores(HeadGrid):
     """Scores of every attention head for one kind of behaviour.
@@ -33,12 +40,13 @@ class HeadScores(HeadGrid):
     meta: dict = field(default_factory=dict)
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The `k` highest-scoring heads as `(layer, head, value)`, best first."""
+        """The `k` highest-scoring heads as `(layer, head, value)`, best first; NaN scores rank last."""
         flat = self.values.flatten()
-        idx = torch.argsort(flat, descending=True, stable=True)[:k]
+        idx = ranked(flat)[:k]
         return [(int(i) // self.n_heads, int(i) % self.n_heads, float(flat[i])) for i in idx]
 
     def top_heads(self, k: int) -> list[Head]:
+        """The `k` highest-scoring heads, best first (NaN scores last)."""
         return [(layer, head) for layer, head, _ in self.top(k)]
 
     def to_frame(self):
@@ -49,7 +57,7 @@ class HeadScores(HeadGrid):
         frame = pd.DataFrame(
             {"layer": layers.flatten().numpy(), "head": heads.flatten().numpy(), "value": self.values.flatten().numpy()}
         )
-        frame["rank"] = frame["value"].rank(ascending=False, method="first").astype(int)
+        frame["rank"] = frame["value"].rank(ascending=False, method="first", na_option="bottom").astype(int)
         return frame.sort_values("rank").reset_index(drop=True)
 
     def top_frame(self, k: int = 10, value_name: str | None = None) -> "pandas.DataFrame":
@@ -80,40 +88,25 @@ class HeadScores(HeadGrid):
     # --- storage -------------------------------------------------------------------------------
 
     def path(self, root: Path | None = None) -> Path:
-        return store.run_path(store.slugify(self.model), self.kind, self.params, root)
+        return store.run_path(self.meta.get("slug") or store.slugify(self.model), self.kind, self.params, root)
 
     def save(self, path: Path | None = None) -> Path:
-        """Write JSON (+ safetensors for raw arrays) atomically; returns the JSON path."""
+        """Write the record as one unit (`store.write_record`): the raw arrays to a safetensors file named by
+        its content hash, then the JSON naming it; NaN scores are written as null. Returns the JSON path."""
         path = Path(path) if path else self.path()
-        raw_file = path.with_suffix(".safetensors")
-        if self.raw:
-            store.write_tensors(raw_file, self.raw)
-        store.write_json(
-            path,
-            {
-                "format": FORMAT,
-                "record": "head_scores",
-                "kind": self.kind,
-                "model": self.model,
-                "params": self.params,
-                "values": self.values.tolist(),
-                "raw_file": raw_file.name if self.raw else None,
-                "meta": self.meta,
-            },
-        )
-        return path
+        payload = {"format": FORMAT, "record": "head_scores", "kind": self.kind, "model": self.model,
+                   "params": self.params, "values": self.values.tolist(), "meta": self.meta}
+        return store.write_record(path, payload, self.raw, file_key="raw_file")
 
     @classmethod
     def load(cls, path: Path | str) -> "HeadScores":
+        """The record at `path` (null scores read back as NaN); ValueError (or OSError) if it is damaged."""
         path = Path(path)
         record = store.read_record(path, FORMAT, "head-scores")
+        values = torch.tensor(store.nan_for_null(record["values"]), dtype=torch.float32)
+        if values.dim() != 2:
+            raise ValueError(f"{path}: values have shape {list(values.shape)}, expected [n_layers, n_heads].")
         raw = store.read_tensors(path.parent / record["raw_file"]) if record.get("raw_file") else {}
-        return cls(
-            kind=record["kind"],
-            model=record["model"],
-            params=record["params"],
-            values=torch.tensor(record["values"], dtype=torch.float32),
-            raw=raw,
-            meta=record.get("meta", {}),
-        )
+        return cls(kind=record["kind"], model=record["model"], params=record["params"], values=values, raw=raw,
+                   meta=record.get("meta", {}))
 

@@ -1,12 +1,19 @@
 """The web app served in-process and driven through its API with gradio_client (and its input parsing directly)."""
+import contextlib
 import json
+import re
+import shutil
+import time
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 
 import headlab as hl
-from app.inputs import format_heads, parse_heads, parse_ks
+from app.inputs import FileAccess, format_heads, parse_heads, parse_ks
+from app.main import launch, serving_access
+from app.workbench import Workbench
 from headlab.ablation import method_fields
 from headlab.heads import head_label
 
@@ -115,7 +122,7 @@ def test_ablation_curve_top_k_beats_random_k(client):
         ("/ablate", ("40.2", "repeated_tokens", "zero", N), "Head 40.2 does not exist"),
         ("/pattern", (PROMPT, "40.2"), "Head 40.2 does not exist"),
         ("/pattern", ("word " * 600, "L18H6"), "at most 512"),
-        ("/ablation_curve", ("induction", N, 0, "repeated_tokens", "1, two", "zero", 1, N), "'two'"),
+        ("/ablation_curve", ("induction", N, 0, "repeated_tokens", "1, two", "zero", 1, N), "k values must be whole numbers.*'1, two'"),
         ("/score", ("induction", 0, 0, False), "n must be from 1"),
     ],
 )
@@ -194,7 +201,7 @@ def test_retrieval_tab_scores_heads_and_rejects_bad_lengths(client):
     assert rows[0]["retrieval score"] > 0.1 and "accuracy" in status  # a real retrieval head copies the needle
     layer, _ = parse_heads(rows[0]["head"])[0]
     assert 15 <= layer <= 25  # retrieval heads sit in the mid-to-late layers
-    with pytest.raises(AppError, match="context lengths must be numbers"):
+    with pytest.raises(AppError, match="context lengths must be whole numbers"):
         client.predict("fact", "filler", "256, long", "0.5", 1, api_name="/retrieval")
     with pytest.raises(AppError, match="more than the context of 16 tokens"):
         client.predict("fact", "filler", "16", "0.5", 1, api_name="/retrieval")
@@ -247,6 +254,157 @@ def test_runtime_tab_measures_memory_live_and_rejects_a_context_beyond_the_model
 
     streaming = list(SOURCES)[2]
     rows = {row["cache"]: row for row in table_rows(client.predict(streaming, "retrieval", 0.5, 4, 16, "48", api_name="/runtime_measure"))}
-    assert rows["compressed"]["KV MiB held"] < rows["hf_full"]["KV MiB held"] and rows["compressed"]["held / ideal"] <= 1.5
+    assert rows["compressed"]["KV MiB held"] < rows["hf_full"]["KV MiB held"] and rows["compressed"]["held / ideal"] == 1.0
     with pytest.raises(AppError, match="longer than SmolLM2-135M-Instruct's context"):
         client.predict(streaming, "retrieval", 0.5, 4, 16, "99999", api_name="/runtime_measure")
+
+
+# --- what the app reads of the server, who may reach it, and jobs that overlap ----------------------------------------
+
+SECRET = "hunter2-not-for-the-page"  # in files the app must not show
+HAYSTACK_TEXT = "The river runs past the old mill and the miller counts his sacks of flour. " * 30
+RETRIEVAL_RUN = ("fact", "filler", "256", "0.5", 1)  # one needle: one short generation
+
+
+def without(message: str, typed: str) -> str:
+    """An error message with the typed input taken out, to compare the refusals of different inputs."""
+    return message.replace(repr(typed), "<input>").replace(typed, "<input>")
+
+
+@contextlib.contextmanager
+def app_client(lab: hl.Lab, port: int, **launch_kw):
+    """Its own app (its model may change) on loopback with `launch_kw`, and a client of it."""
+    demo = launch(host="127.0.0.1", port=port, lab=lab, prevent_thread_lock=True, quiet=True, **launch_kw)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("endpoint", ["/retrieval", "/select_copy"])
+def test_server_files_are_refused_as_haystack_or_dataset_and_never_shown(client, tmp_path, endpoint):
+    secret = tmp_path / "secret.csv"
+    secret.write_text(f"question,A,B,answer\n{SECRET}?,yes,no,A\n{SECRET}?,yes,no,B\n")
+    messages = set()
+    for path in ("/etc/passwd", str(secret), str(tmp_path / "missing.csv")):
+        args = ("fact", path, "256", "0.5", 1) if endpoint == "/retrieval" else (4, 0, False, path)
+        with pytest.raises(AppError, match="refused") as caught:
+            client.predict(*args, api_name=endpoint)
+        assert "root:" not in str(caught.value) and SECRET not in str(caught.value)
+        messages.add(without(str(caught.value), path))
+    assert len(messages) == 1  # an existing file and a missing one read the same
+    _, info = client.predict(api_name="/model_info")
+    assert info["n_layers"] == 30
+
+
+def test_an_uploaded_haystack_is_the_one_read(client, tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n")
+    with pytest.raises(AppError, match="haystack is empty"):  # the upload replaced 'filler'
+        client.predict(*RETRIEVAL_RUN, handle_file(str(blank)), api_name="/retrieval")
+    hay = tmp_path / "mill-haystack.txt"
+    hay.write_text(HAYSTACK_TEXT)
+    table, status = client.predict(*RETRIEVAL_RUN, handle_file(str(hay)), api_name="/retrieval")
+    assert "mill-haystack.txt" in status and len(table_rows(table)) == 15
+
+
+def test_an_uploaded_dataset_is_scored_and_a_bad_row_is_named_not_shown(client, tmp_path):
+    good = tmp_path / "fruit.csv"
+    rows = [f"Which one is a fruit ({i})?,{fruit},stone,A" for i, fruit in enumerate(["apple", "pear", "plum", "fig"])]
+    good.write_text("question,A,B,answer\n" + "\n".join(rows) + "\n")
+    *_, example_text, _ = client.predict(4, 0, False, "", dataset_file=handle_file(str(good)), api_name="/select_copy")
+    assert "Which one is a fruit" in example_text  # the example question comes from the upload
+    bad_row = tmp_path / "bad-row.csv"
+    bad_row.write_text(f"question,A,B,answer\nWhat is 2 + 2?,4,5,A\nWhat is {SECRET}?,yes,no,{SECRET}\n")
+    bad_header = tmp_path / "bad-header.csv"
+    bad_header.write_text(f"{SECRET},question\nx,y\n")
+    for upload, line in ((bad_row, "line 3"), (bad_header, "line 1")):
+        with pytest.raises(AppError, match=line) as caught:
+            client.predict(4, 0, False, "", dataset_file=handle_file(str(upload)), api_name="/select_copy")
+        assert SECRET not in str(caught.value)
+
+
+def test_typed_paths_and_model_folders_work_only_inside_files_dir(lab, tiny_model_dir, tmp_path, free_port):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hay.txt").write_text(HAYSTACK_TEXT)
+    (shared / "blank.txt").write_text(" ")
+    (tmp_path / "outside.txt").write_text(HAYSTACK_TEXT)
+    (shared / "escape.txt").symlink_to(tmp_path / "outside.txt")
+    with app_client(lab, free_port, files_dir=shared) as client:
+        _, status = client.predict("fact", "hay.txt", "256", "0.5", 1, api_name="/retrieval")
+        assert str(shared / "hay.txt") in status
+        with pytest.raises(AppError, match="haystack is empty"):  # an absolute path inside is read too
+            client.predict("fact", str(shared / "blank.txt"), "256", "0.5", 1, api_name="/retrieval")
+        refusals = set()
+        for path in ("../outside.txt", "../missing.txt", str(tmp_path / "outside.txt"), "escape.txt", "/etc/passwd"):
+            with pytest.raises(AppError, match="refused") as caught:
+                client.predict("fact", path, "256", "0.5", 1, api_name="/retrieval")
+            refusals.add(without(str(caught.value), path))
+        assert len(refusals) == 1
+        # A model folder outside files_dir and a missing one get the same message; one inside loads.
+        outside, missing = tiny_model_dir, str(tmp_path / "no-such-model")
+        statuses = {without(client.predict(path, api_name="/load_model")[0], path) for path in (outside, missing)}
+        assert len(statuses) == 1 and "Could not load" in statuses.pop()
+        shutil.copytree(tiny_model_dir, shared / "tiny-llama")
+        _, info = client.predict("tiny-llama", api_name="/load_model")
+        assert (info["name"], info["n_layers"]) == ("tiny-llama", 2)
+
+
+def test_a_remote_app_loads_no_local_folder_and_never_says_which_paths_exist(lab, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub name fails at once
+    monkeypatch.chdir(tmp_path)  # 'tiny-llama' is now also a relative path that exists
+    bench = Workbench(lab, FileAccess(remote=True))
+    messages = set()
+    for typed in (tiny_model_dir, str(tmp_path / "missing"), "/etc", "tiny-llama", "no-such-org/no-such-model"):
+        with pytest.raises(hl.ModelLoadError) as caught:
+            bench.load(typed)
+        messages.add(without(str(caught.value), typed))
+    assert len(messages) == 1 and "no local folder" in messages.pop()
+    assert bench.lab is lab and bench.loads == 0
+
+
+def test_serving_beyond_loopback_needs_allow_remote_warns_and_can_ask_a_login(lab, free_port, capsys):
+    with pytest.raises(ValueError, match="allow_remote=True"):  # refused before any model loads
+        launch(host="0.0.0.0", port=free_port, model="no-such-org/no-such-model", prevent_thread_lock=True)
+    with pytest.raises(ValueError, match="allow_remote=True"):
+        launch(port=free_port, lab=lab, prevent_thread_lock=True, share=True)
+    assert not any(serving_access(host, False, None, None).remote for host in ("127.0.0.1", "localhost", "::1"))
+    demo = launch(host="0.0.0.0", port=free_port, lab=lab, prevent_thread_lock=True, quiet=True, allow_remote=True, auth=("ada", "s3cret"))
+    try:
+        warning = capsys.readouterr().err
+        assert "WARNING" in warning and f"0.0.0.0:{free_port}" in warning and "no server files" in warning
+        url = f"http://127.0.0.1:{free_port}/"
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/model_info")  # no login, no app
+        _, info = Client(url, auth=("ada", "s3cret"), verbose=False).predict(api_name="/model_info")
+        assert info["n_layers"] == 30
+    finally:
+        demo.close()
+
+
+def queued(job, timeout_s: float = 60) -> None:
+    """Wait until the server has queued `job`, so that a job submitted next arrives after it."""
+    deadline = time.monotonic() + timeout_s
+    while job.status().code in (Status.STARTING, Status.JOINING_QUEUE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def pattern_values(view: str) -> str:
+    """A CircuitsVis view without its random element id: equal views show the same attention."""
+    return re.sub(r"circuits-vis-[0-9a-f-]+", "circuits-vis", view)
+
+
+def test_two_jobs_submitted_at_once_finish_right_and_in_order(client):
+    ablate = ("L18H6, L17H3, L16H0", "repeated_tokens", "zero", N)  # L16H0 zeroed changes what layer 17 attends to
+    _, expected_table = client.predict(*ablate, api_name="/ablate")
+    expected_view = client.predict(PROMPT, "L17H3", api_name="/pattern")
+    first = client.submit(*ablate, api_name="/ablate")
+    queued(first)
+    second = client.submit(PROMPT, "L17H3", api_name="/pattern")  # arrives while the ablation runs (seconds)
+    view = second.result(timeout=300)
+    assert first.done()  # one job at a time, first come first served: the quick second job waited
+    assert table_rows(first.result()[1]) == table_rows(expected_table)
+    assert pattern_values(view) == pattern_values(expected_view)  # no ablation hook leaked into the second job
+    _, info = client.predict(api_name="/model_info")
+    assert info["n_layers"] == 30

@@ -197,7 +197,8 @@ def test_laundry_list_prompts_and_accuracy(lab):
     details = task.details()
     assert details["chance"] == 0.5 and details["accuracy"] >= 0.75, details
     result = hl.ablate(lab, INDUCTION_HEADS, task)
-    assert result.metric == task.metric and result.higher_is_better and 0.0 <= result.ablated <= 1.0
+    assert result.metric == task.metric and result.higher_is_better
+    assert result.ablated <= details["accuracy"] - 0.3, result  # copying the missing item needs the induction heads
     with pytest.raises(ValueError, match="at least 2 items"):
         make_task("laundry_list", lab, n_items=1)
 

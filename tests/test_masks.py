@@ -190,3 +190,41 @@ def _empty_dir(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     return folder
+
+
+def test_window_fields_are_whole_token_counts_within_bounds(tmp_path):
+    full = torch.ones(2, 2, dtype=torch.bool)
+    mask = HeadMask(model="toy", n_layers=2, n_heads=4, n_kv_heads=2, full=full, sink=4.0, recent=16)
+    assert (mask.sink, mask.recent) == (4, 16) and type(mask.sink) is int  # a whole float (a slider's 4.0) is 4
+    for sink, recent, message in [(4.5, 16, "sink .* must be a whole number, got 4.5"),
+                                  (4, float("inf"), "recent .* must be a whole number"),
+                                  ("4", 16, "sink .* got '4'"), (-1, 16, "sink .* at least 0"),
+                                  (4, 0, "recent .* at least 1"), (4, 10**30, "recent .* at most 2147483647")]:
+        with pytest.raises(ValueError, match=message):
+            HeadMask(model="toy", n_layers=2, n_heads=4, n_kv_heads=2, full=full, sink=sink, recent=recent)
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"sink_size": "4", "recent_size": 8}', "sink .* must be a whole number, got '4'"),
+    ('{"sink_size": 4, "recent_size": 1e30}', "recent .* must be at most"),
+    ('{"sink_size": 4, "recent_size": NaN}', "recent .* must be a whole number"),
+    ('[4, 8]', "must be a JSON object with sink_size and recent_size"),
+    ('{"sink_size": 4', "is not valid JSON"),
+])
+def test_duo_config_fields_are_checked(tmp_path, config, message):
+    (tmp_path / "full_attention_heads.tsv").write_text("1\t0\n")
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=message) as err:
+        HeadMask.load(tmp_path)
+    assert "config.json" in str(err.value)
+
+
+def test_save_refuses_a_folder_or_a_non_json_path(tmp_path):
+    mask = HeadMask.from_scores(toy_scores(), full_fraction=0.5, n_kv_heads=2)
+    with pytest.raises(ValueError, match="is a folder"):
+        mask.save(tmp_path)
+    raw = tmp_path / "scores.safetensors"
+    raw.write_bytes(b"raw")
+    with pytest.raises(ValueError, match="must be a .json path"):
+        mask.save(raw)
+    assert raw.read_bytes() == b"raw"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headlab.masks import HeadMask
-from headlab.runtime.benchmark import RUNNERS, info_of, llama_8b_config, measure, random_llama
+from headlab.runtime.benchmark import GRAPH_WARMUP_STEPS, RUNNERS, info_of, llama_8b_config, measure, random_llama
 
 CONTEXT, STEPS = 70, 12
 
@@ -46,12 +46,17 @@ def test_static_cache_baseline_continues_exactly_like_the_dynamic_cache(tiny, ma
 
 
 def test_each_kind_reports_the_bytes_its_cache_holds(tiny, mask):
-    rows = {r["cache"]: r for r in measure(tiny, mask, contexts=[CONTEXT], new_tokens=4, warmup=1, chunk_size=32,
+    """Exact bytes: the rows are measured at `length` = context + warm-up + new tokens, and every kind's cache is
+    sized by design (the compressed runtime's "sdpa" buffers are allocated for exactly that length)."""
+    warmup, new_tokens = 1, 4
+    rows = {r["cache"]: r for r in measure(tiny, mask, contexts=[CONTEXT], new_tokens=new_tokens, warmup=warmup, chunk_size=32,
                                            kinds=("hf_full", "hf_static", "compressed"), attention="sdpa").to_dict("records")}
     full, ideal = rows["hf_full"]["full_kv_bytes"], rows["hf_full"]["ideal_kv_bytes"]
-    assert rows["hf_full"]["kv_bytes"] == pytest.approx(full, rel=0.02)  # DynamicCache: every token, every head
-    assert rows["hf_static"]["kv_bytes"] >= full  # preallocated for the whole length
-    assert rows["compressed"]["kv_bytes"] <= 1.05 * ideal < full
+    length = CONTEXT + warmup + new_tokens
+    assert full == 2 * 2 * 2 * length * 16 * 4  # K and V, 2 layers, 2 KV heads, d_head 16, float32
+    assert rows["hf_full"]["kv_bytes"] == full  # DynamicCache: every token, every head
+    assert rows["hf_static"]["kv_bytes"] == full // length * (length + GRAPH_WARMUP_STEPS)  # preallocated, + its warm-up steps
+    assert rows["compressed"]["kv_bytes"] == ideal < full and rows["compressed"]["kv_ratio"] == 1.0
     assert all(not r["oom"] and r["decode_ms"] > 0 for r in rows.values())
 
 

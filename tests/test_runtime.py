@@ -1,7 +1,11 @@
 """The compressed-KV runtime is exact: all-full = the plain model; streaming heads = the
 streaming-window ablation reference (TransformerLens hooks), through chunked prefill, ring-buffer
-wrap-around and greedy decode; and the cache holds what the mask says, not more."""
+wrap-around and greedy decode; the cache holds what the mask says, not more, and `reset()` gives it back."""
 from __future__ import annotations
+
+import gc
+import os
+import weakref
 
 import pytest
 import torch
@@ -55,6 +59,28 @@ def reference_logits(lab, mask: HeadMask, tokens: torch.Tensor) -> torch.Tensor:
         return lab.model(tokens)
 
 
+def cache_tensors(obj) -> list[torch.Tensor]:
+    """Every tensor a runtime cache owns: its attributes, walked through lists and its own (headlab.runtime) objects."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in cache_tensors(item)]
+    if type(obj).__module__.startswith("headlab.runtime"):
+        return [t for value in vars(obj).values() for t in cache_tensors(value)]
+    return []
+
+
+def reset_frees_the_cache(rt: CompressedLM) -> None:
+    """`rt.reset()` drops every cache tensor: weak references to all of them die (nothing else keeps the memory)."""
+    refs = [weakref.ref(t) for t in cache_tensors(rt.cache)]
+    assert len(refs) >= 2 * rt.mask.n_layers  # keys and values of every layer at least
+    rt.reset()
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive == 0, f"{alive} of {len(refs)} cache tensors outlive reset()"
+    assert rt.length == 0
+
+
 def mixed_mask(lab) -> HeadMask:
     mask = HeadMask.random(lab.info, 0.5, seed=3, sink=SINK, recent=RECENT)
     per_layer = mask.full.sum(1)
@@ -104,7 +130,7 @@ def test_greedy_decode_after_prefill_matches_the_reference(lab, tokens):
     assert torch.equal(rt.generate(tokens[:, :prompt_len], max_new_tokens=steps), new)
 
 
-def test_kv_bytes_are_what_the_mask_needs(lab, tokens):
+def test_kv_bytes_are_what_the_mask_needs(lab, tokens, plain_logits):
     mask = mixed_mask(lab)
     rt = CompressedLM(lab, mask, chunk_size=CHUNK, page_size=PAGE)
     assert rt.kv_bytes() == 0
@@ -125,14 +151,19 @@ def test_kv_bytes_are_what_the_mask_needs(lab, tokens):
     only = CompressedLM(lab, streaming, chunk_size=CHUNK, page_size=PAGE)
     only.logits(tokens)
     assert only.kv_bytes() == streaming.ideal_kv_bytes(N_TOKENS, dtype_bytes, d_head) == 2 * 90 * (SINK + RECENT) * d_head * dtype_bytes
-    rt.reset()
-    assert rt.kv_bytes() == 0 and rt.length == 0
+    reset_frees_the_cache(rt)
+    # ... and the next tokens start a new sequence at position 0 (5 tokens < sink + recent: the plain model's logits)
+    torch.testing.assert_close(rt.forward(tokens[:, :5]), plain_logits[:, :5], atol=2e-4, rtol=0)
 
 
 def test_generate_from_text_and_mask_mismatch(lab):
     rt = CompressedLM(lab, HeadMask.all_streaming(lab.info, sink=SINK, recent=RECENT))
-    text = rt.generate("The capital of France is", max_new_tokens=3)
-    assert isinstance(text, str) and text
+    prompt = "The capital of France is"
+    tokens = lab.to_tokens(prompt)
+    assert tokens.shape[1] + 3 <= SINK + RECENT  # the window holds every token: the plain model's greedy answer
+    plain = lab.hf_model.generate(tokens, max_new_tokens=3, do_sample=False)[0, tokens.shape[1]:]
+    expected = lab.tokenizer.decode(plain, skip_special_tokens=True)
+    assert expected.strip() and rt.generate(prompt, max_new_tokens=3) == expected
     wrong = HeadMask(model="x", n_layers=28, n_heads=9, n_kv_heads=3, full=torch.ones(28, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask has 28 layers, SmolLM2-135M-Instruct has 30"):
         CompressedLM(lab, wrong)
@@ -216,8 +247,28 @@ def test_sdpa_kv_bytes_are_the_ideal_at_max_length(lab, max_length):
         assert rt.kv_bytes() == 0
         rt.forward(torch.tensor([[1, 2, 3]]), all_logits=False)
         assert rt.kv_bytes() == mask.ideal_kv_bytes(max_length, dtype_bytes, d_head), (max_length, mask)
-    rt.reset()
-    assert rt.kv_bytes() == 0 and rt.length == 0
+    reset_frees_the_cache(rt)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the process's resident memory from Linux /proc")
+def test_reset_gives_the_cache_memory_back_to_the_system(tiny_lab):
+    """A 128 MiB cache ("sdpa" buffers for 2**18 tokens on the tiny Llama, 64 MiB per layer: the CPU allocator maps
+    blocks that large on their own and unmaps them on free): resident memory falls by at least 3/4 of it on reset()."""
+    rt = CompressedLM(tiny_lab, HeadMask.all_full(tiny_lab.info), attention="sdpa", max_length=2**18)
+    rt.forward(torch.tensor([[1, 2, 3]]))
+    rt.forward(torch.tensor([[4]]))  # a decode step too
+    held = rt.kv_bytes()
+    assert held == 128 * 2**20
+    gc.collect()
+    before = _resident_bytes()
+    reset_frees_the_cache(rt)
+    freed = before - _resident_bytes()
+    assert freed >= 0.75 * held, f"reset() gave back {freed / 2**20:.1f} MiB of the {held / 2**20:.0f} MiB cache"
 
 
 def test_only_the_retrieval_mask_keeps_the_needle(lab):

@@ -3,6 +3,7 @@ the refusal task and the Safety tab's functions (CPU, the committed adapter; not
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from headlab.datasets import requests
 from headlab.ablation import ablation_hooks
 from headlab.loading import REFUSAL_ADAPTER_DIR, ModelLoadError
 from headlab.scorers import make_scorer, resolve_params
-from headlab.scorers.safety import chat_ids, length_groups, sahara, ships_per_request
+from headlab.scorers.safety import chat_ids, choose_requests, length_groups, sahara, ships_per_request
 
 EXAMPLE_HEADS = [(0, 0), (21, 7)]
 N, TOKENS = 4, 3  # requests and greedy tokens per refusal measurement: "I'm sorry" / "I can't" are 3 tokens
@@ -103,14 +104,28 @@ def test_load_requests_errors_name_the_line(tmp_path):
 # --- Ships ---------------------------------------------------------------------------------------
 
 
-def _reference_kl(lab, prompt: str, head, method: str) -> float:
+def _reference_logprobs(lab, prompt: str, heads: list, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities after `prompt` in the chat template: intact, and with `heads` ablated together."""
     tokens = torch.tensor([chat_ids(lab, prompt)])
     params = {"epsilon": 1e-3} if method == "scaled_query" else {}
     with torch.no_grad():
         intact = torch.log_softmax(lab.model(tokens, return_type="logits")[0, -1].float(), -1)
-        with lab.model.hooks(fwd_hooks=ablation_hooks(lab, [head], method, None, **params)):
+        with lab.model.hooks(fwd_hooks=ablation_hooks(lab, heads, method, None, **params)):
             ablated = torch.log_softmax(lab.model(tokens, return_type="logits")[0, -1].float(), -1)
+    return intact, ablated
+
+
+def _reference_kl(lab, prompt: str, heads: list, method: str) -> float:
+    """KL(intact || `heads` ablated) of the next-token distribution."""
+    intact, ablated = _reference_logprobs(lab, prompt, heads, method)
     return float((intact.exp() * (intact - ablated)).sum())
+
+
+def _reference_drop(lab, prompt: str, heads: list, method: str) -> float:
+    """How much ablating `heads` lowers the probability of the intact model's own first answer token."""
+    intact, ablated = _reference_logprobs(lab, prompt, heads, method)
+    first = int(intact.argmax())
+    return float(intact[first].exp() - ablated[first].exp())
 
 
 @pytest.mark.parametrize("method,heads", [("scaled_query", EXAMPLE_HEADS), ("zero", EXAMPLE_HEADS[1:])])
@@ -123,7 +138,7 @@ def test_ships_equals_one_head_at_a_time(lab, method, heads):
     assert per_request.shape == (2, lab.info.n_layers, lab.info.n_heads)
     for i, prompt in enumerate(prompts):
         for layer, head in heads:
-            expected = _reference_kl(lab, prompt, (layer, head), method)
+            expected = _reference_kl(lab, prompt, [(layer, head)], method)
             assert per_request[i, layer, head].item() == pytest.approx(expected, rel=1e-3, abs=1e-6)
     assert torch.isnan(per_request[:, 1, 1]).all()  # heads not scanned
 
@@ -172,29 +187,56 @@ def test_refusal_model_refuses_harmful_and_answers_harmless(lab, refusal_lab, ha
     assert harmless["refusal_rate"] <= 0.25, harmless["answers"]
 
 
-def test_refusal_task_under_ablation(refusal_lab, harmful_answers):
-    task = hl.make_task("refusal", refusal_lab, n=2, max_new_tokens=TOKENS)
+def test_ablating_the_top_ships_heads_stops_refusals_random_heads_do_not(refusal_lab, monkeypatch):
+    """The paper's claim on the refusal-tuned model, live: ablating the two heads the shipped Ships run ranks first
+    takes the refusal rate on the 12 held-out harmful requests from >= 0.75 to <= 0.25, while random 2-head sets
+    (drawn outside those two, seeded) leave it within 0.25 of intact (analyses/README.md: 0.92 -> 0.08, random 0.95)."""
+    monkeypatch.setenv("HEADLAB_RUNS", str(store.REPO_RUNS))  # read the shipped run; nothing here writes
+    ships = hl.stored(refusal_lab, "safety")
+    assert ships is not None, "the shipped default Ships run of embedded-refusal is not found: its store key drifted"
+    task = hl.make_task("refusal", refusal_lab, max_new_tokens=TOKENS)
     assert task.describe()["task"] == "refusal" and task.higher_is_better
-    reference = task.reference_tokens()
-    assert reference.ndim == 2 and reference.shape[0] >= 2
-    # Zero-ablating every head of the last layers breaks the answer; the metric stays a rate.
-    heads = [(layer, head) for layer in range(20, 30) for head in range(9)]
-    result = hl.ablate(refusal_lab, heads, task=task, method="zero")
-    assert result.baseline == pytest.approx(sum(harmful_answers["refused"][:2]) / 2)
-    assert 0.0 <= result.ablated <= 1.0
-    mean = task.evaluate(ablation_hooks(refusal_lab, [(29, 0)], "mean", task))
-    assert 0.0 <= mean <= 1.0
+    assert sorted(task.prompts) == sorted(requests.harmful("heldout")) and task.n == 12
+    # Mean ablation's reference: harmless held-out requests, one token length, in the chat template.
+    reference = [refusal_lab.tokenizer.decode(row) for row in task.reference_tokens()]
+    assert len(reference) >= 2 and all(any(q in text for q in requests.harmless("heldout")) for text in reference)
+
+    def rate(heads) -> dict:
+        return task.details(ablation_hooks(refusal_lab, heads, ships.params["method"], task, epsilon=ships.params["epsilon"]))
+
+    intact, top = task.details(), ships.top_heads(2)
+    ablated = rate(top)
+    others = [(layer, head) for layer in range(refusal_lab.info.n_layers) for head in range(refusal_lab.info.n_heads)
+              if (layer, head) not in top]
+    draws = [random.Random(seed).sample(others, 2) for seed in range(3)]
+    random_rates = {str(heads): rate(heads)["refusal_rate"] for heads in draws}
+    assert intact["refusal_rate"] >= 0.75, intact["answers"]
+    assert ablated["refusal_rate"] <= 0.25, (top, ablated["answers"])
+    assert min(random_rates.values()) >= intact["refusal_rate"] - 0.25, random_rates
 
 
 def test_sahara_grows_a_group(refusal_lab):
     scores = hl.HeadScores("safety", refusal_lab.info.name, {}, torch.arange(270.0).view(30, 9))
     result = sahara(refusal_lab, k=2, scores=scores, pool=3, n=1, objective="kl")
     assert len(result.heads) == 2 and len(set(result.heads)) == 2
-    assert set(result.heads) <= set(scores.top_heads(3))
-    assert all(v >= 0 for v in result.curve)  # KL
+    pool = scores.top_heads(3)
+    assert set(result.heads) <= set(pool)
+    # Each step adds the pool head whose joint ablation with the group moves the next token furthest (KL), and the
+    # curve is that group's KL: checked against plain ablation hooks on the one request searched.
+    prompt = choose_requests(None, 1, 0, "train")[0]
+    first = {head: _reference_kl(refusal_lab, prompt, [head], "scaled_query") for head in pool}
+    assert first[result.heads[0]] == pytest.approx(max(first.values()), rel=1e-3, abs=1e-6)  # the best (float ties aside)
+    assert result.curve[0] == pytest.approx(first[result.heads[0]], rel=1e-3, abs=1e-6)
+    second = {head: _reference_kl(refusal_lab, prompt, [result.heads[0], head], "scaled_query")
+              for head in pool if head != result.heads[0]}
+    assert second[result.heads[1]] == pytest.approx(max(second.values()), rel=1e-3, abs=1e-6)
+    assert result.curve[1] == pytest.approx(second[result.heads[1]], rel=1e-3, abs=1e-6)
     assert list(result.to_frame()["added"]) == [f"L{l}H{h}" for l, h in result.heads]
     drop = sahara(refusal_lab, k=1, scores=scores, pool=2, n=1, objective="refusal_prob")
-    assert drop.objective == "refusal_prob" and -1.0 <= drop.curve[0] <= 1.0
+    drops = {head: _reference_drop(refusal_lab, prompt, [head], "scaled_query") for head in scores.top_heads(2)}
+    assert drop.objective == "refusal_prob" and len(drop.heads) == 1
+    assert drops[drop.heads[0]] == pytest.approx(max(drops.values()), rel=1e-3, abs=1e-6)
+    assert drop.curve[0] == pytest.approx(drops[drop.heads[0]], rel=1e-3, abs=1e-6)
 
 
 # --- the tab ---------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_successor_tab_functions(lab, continuation):
     bench = Workbench(lab)
     with gr.Blocks():
         tab = successor_tab.build_successor_tab(bench, "lab")
-    assert tab.embedding.value == succ.PAPER_EMBEDDING and tab.k.value == succ.CHECK.ks[0]
+    assert tab.embedding.value == succ.PAPER_EMBEDDING and tab.check.k.value == succ.CHECK.ks[0]
     scores = successor_tab.successor_scores(bench)
     assert scores.params == hl.score(lab, "successor").params  # the form's defaults are the stored run's
     top = scores.top_frame(5, "score")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from headlab import store
+from headlab import store, validate
 from headlab.ablation.engine import ablation_hooks, resolve_task
 from headlab.ablation.methods import DEFAULT_METHOD, make_method
 from headlab.heads import Head, all_heads
@@ -133,11 +133,7 @@ def ablation_curve(
     CurveConfig(task=task if isinstance(task, str) else task.name, ks=tuple(ks), method=str(method), n_random=n_random, n=n)
     task = resolve_task(lab, task, n, seed, task_params)
     method = make_method(method, **(method_params or {}))
-    ks = [int(k) for k in ks]
-    most = lab.info.n_layers * lab.info.n_heads // 2
-    if max(ks) > most:
-        raise ValueError(f"k = {max(ks)} is too large: random sets come from the heads outside the top-k, so "
-                         f"{lab.info.name} allows k up to {most} (half of its heads).")
+    ks = validate.curve_ks(ks, lab.info, "ks")
     source = {"kind": scores.kind, "params": scores.params}
     path = store.run_path(lab.info.slug, "ablation-curve",
                           curve_params(source, task.describe(), method.name, ks, n_random, method.params()))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from headlab.ablation.methods import DEFAULT_METHOD, AblationMethod, LayerState, by_layer, make_method
+from headlab import validate
 from headlab.activations import Hook
 from headlab.heads import Head, as_heads, check_head
 from headlab.lab import Lab
@@ -93,9 +94,13 @@ def ablate(lab: Lab, heads, task: str | Task = "repeated_tokens", method: str | 
            n: int | None = None, seed: int = 0, task_params: dict | None = None,
            method_params: dict | None = None) -> AblationResult:
     """Measure `task` intact and with `heads` ablated by `method` (e.g. `method_params={"sink": 4, "recent": 64}`)."""
+    heads = as_heads(heads)
+    if not heads:
+        raise ValueError("No heads to ablate: name at least one head (e.g. L18H6), or use a score's top_heads(k).")
+    if n is not None:
+        validate.count(n, "n (task samples)")
     task = resolve_task(lab, task, n, seed, task_params)
     method = make_method(method, **(method_params or {}))
-    heads = as_heads(heads)
     hooks = ablation_hooks(lab, heads, method, task)
     return AblationResult(task=task.name, metric=task.metric, method=method.name, heads=heads,
                           baseline=task.evaluate([]), ablated=task.evaluate(hooks),

@@ -10,24 +10,42 @@ from __future__ import annotations
 import argparse
 import json
 
-from headlab.heads import parse_heads
+from headlab import validate
+from headlab.heads import check_layer
 
 
-def _layer_range(text: str | None) -> tuple[int, int] | None:
+def _layer_range(text: str | None, info=None) -> tuple[int, int] | None:
+    """'10-20' -> (10, 20); with `info`, both ends are checked against the model's layers."""
     if not text:
         return None
     try:
         low, high = (int(part) for part in text.split("-"))
     except ValueError:
         raise ValueError(f"Write a layer range as LOW-HIGH, e.g. '10-20'; got {text!r}.") from None
+    if low > high:
+        raise ValueError(f"--layers {text!r}: LOW must not be above HIGH.")
+    if info is not None:
+        check_layer(info, low), check_layer(info, high)
     return low, high
+
+
+def _check_counts(args) -> tuple[int, ...] | None:
+    """`--top`, `--n`, `--n-random` and `--ranks`, checked before the model loads; returns the ranks."""
+    validate.count(args.top, "--top")
+    validate.count(args.n, "--n")
+    validate.count(args.n_random, "--n-random")
+    _layer_range(args.layers)
+    if not args.ranks:
+        return None
+    return tuple(validate.count(rank, "--ranks") for rank in validate.int_list(args.ranks, "--ranks"))
 
 
 def _print_map(lab, args) -> int:
     from headlab.circuits import composition_map
 
+    layers = _layer_range(args.layers, lab.info)
     cmap = composition_map(lab, args.kind, fold_ln=not args.no_fold_ln, recompute=args.recompute)
-    frame = cmap.to_frame(args.top, _layer_range(args.layers))
+    frame = cmap.to_frame(args.top, layers)
     if args.json:
         print(json.dumps({"kind": cmap.kind, "model": cmap.model, "path": str(cmap.path()), "baseline": cmap.baseline,
                           "top": frame.to_dict(orient="records")}))
@@ -41,21 +59,22 @@ def _print_map(lab, args) -> int:
 def cmd_channels(args) -> int:
     import headlab as hl
     from headlab.circuits import channel_experiment
+    from headlab.cli import load_lab
 
-    lab = hl.load(args.model, device=args.device)
+    ranks = _check_counts(args)
+    if not args.map and (not args.sender or not args.receivers):
+        raise ValueError("Give a sender and receiver heads, e.g. `headlab channels L16H0 L18H6,L17H3` (or use --map).")
+    lab = load_lab(args)
     if args.map:
         return _print_map(lab, args)
-    if not args.sender or not args.receivers:
-        raise ValueError("Give a sender and receiver heads, e.g. `headlab channels L16H0 L18H6,L17H3` (or use --map).")
-    sender = parse_heads(args.sender, lab.info)
+    sender = validate.heads(args.sender, lab.info, "the sender")
     if len(sender) != 1:
         raise ValueError(f"Give exactly one sender head; got {args.sender!r}.")
-    receivers = parse_heads(",".join(args.receivers), lab.info)
+    receivers = validate.heads(",".join(args.receivers), lab.info, "the receivers")
     report = hl.channels(lab, sender[0], receivers, args.kind, fold_ln=not args.no_fold_ln)
     path = report.save()
     out = {"summary": report.summary(), "path": str(path), "directions": report.to_frame().head(args.top).to_dict(orient="records")}
     if args.experiment:
-        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
         exp = channel_experiment(lab, report, args.task, ranks=ranks, n_random=args.n_random, n=args.n, seed=args.seed,
                                  recompute=args.recompute)
         out["experiment"] = {"summary": exp.summary(), "table": exp.to_frame().to_dict(orient="records")}

@@ -195,17 +195,13 @@ class CompositionMap(HeadGrid):
         return composition_params(self.kind, self.fold_ln, self.baseline["n_samples"], self.baseline["seed"])
 
     def path(self, root: Path | None = None) -> Path:
-        return store.run_path(store.slugify(self.model), "composition", self.params(), root)
+        return store.run_path(self.meta.get("slug") or store.slugify(self.model), "composition", self.params(), root)
 
     def save(self, path: Path | None = None) -> Path:
-        path = Path(path) if path else self.path()
-        values_file = path.with_suffix(".safetensors")
-        store.write_tensors(values_file, {"values": self.values})
-        store.write_json(path, {
+        return store.write_record(Path(path) if path else self.path(), {
             "format": FORMAT, "record": "composition_map", "kind": self.kind, "model": self.model,
-            "params": self.params(), "values_file": values_file.name, "baseline": self.baseline, "meta": self.meta,
-        })
-        return path
+            "params": self.params(), "baseline": self.baseline, "meta": self.meta,
+        }, {"values": self.values}, file_key="values_file")
 
     @classmethod
     def load(cls, path: Path | str) -> "CompositionMap":
@@ -247,7 +243,7 @@ def composition_map(
 def stored_map(lab: Lab, kind: str = "k") -> CompositionMap | None:
     """The stored composition map of `kind` with `composition_map`'s default parameters, or None (nothing computed)."""
     path = store.run_path(lab.info.slug, "composition", composition_params(check_kind(kind), FOLD_LN, BASELINE_SAMPLES, BASELINE_SEED))
-    return CompositionMap.load(path) if path.exists() else None
+    return store.stored_run(path, CompositionMap.load)
 
 
 def _compute_map(lab: Lab, kind: str, fold_ln: bool, baseline_samples: int, seed: int,
@@ -257,7 +253,7 @@ def _compute_map(lab: Lab, kind: str, fold_ln: bool, baseline_samples: int, seed
     return CompositionMap(
         model=lab.info.name, kind=kind, fold_ln=fold_ln, values=values,
         baseline=random_baseline(weights.d_model, weights.W_Q.shape[-1], baseline_samples, seed),
-        meta={"group_size": weights.group_size, "n_kv_heads": weights.n_kv_heads,
+        meta={"slug": lab.info.slug, "group_size": weights.group_size, "n_kv_heads": weights.n_kv_heads,
               "weights": "ln1 weight folded into W_Q/W_K/W_V" if fold_ln else "raw TransformerBridge weights",
               "rotary": "un-rotated W_Q/W_K (relative offset 0)"},
     )

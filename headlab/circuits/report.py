@@ -100,6 +100,7 @@ class ChannelReport:
     sender_modes: torch.Tensor
     tokens: list[dict] = field(default_factory=list)
     baseline: dict = field(default_factory=dict)
+    slug: str = ""  # the store folder of the model (`lab.info.slug`); empty: from the model's name
 
     @property
     def pair_label(self) -> str:
@@ -207,20 +208,15 @@ class ChannelReport:
         return report_params(self.sender, self.receivers, self.kind, self.fold_ln, len(self.tokens))
 
     def path(self, root: Path | None = None) -> Path:
-        return store.run_path(store.slugify(self.model), "channels", self.params(), root)
+        return store.run_path(self.slug or store.slugify(self.model), "channels", self.params(), root)
 
     def save(self, path: Path | None = None) -> Path:
-        path = Path(path) if path else self.path()
-        tensors_file = path.with_suffix(".safetensors")
-        store.write_tensors(tensors_file, {
-            "singular_values": self.singular_values, "composition": self.composition, "share": self.share,
-            "directions": self.directions, "sender_modes": self.sender_modes,
-        })
-        store.write_json(path, {
+        tensors = {"singular_values": self.singular_values, "composition": self.composition, "share": self.share,
+                   "directions": self.directions, "sender_modes": self.sender_modes}
+        return store.write_record(Path(path) if path else self.path(), {
             "format": FORMAT, "record": "channel_report", "kind": self.kind, "model": self.model, "params": self.params(),
-            "score": self.score, "tokens": self.tokens, "baseline": self.baseline, "tensors_file": tensors_file.name,
-        })
-        return path
+            "score": self.score, "tokens": self.tokens, "baseline": self.baseline, "slug": self.slug,
+        }, tensors, file_key="tensors_file")
 
     @classmethod
     def load(cls, path: Path | str) -> "ChannelReport":
@@ -230,7 +226,7 @@ class ChannelReport:
         params = record["params"]
         return cls(model=record["model"], sender=tuple(params["sender"]), receivers=[tuple(r) for r in params["receivers"]],
                    kind=record["kind"], fold_ln=params["fold_ln"], score=record["score"], tokens=record["tokens"],
-                   baseline=record["baseline"], **tensors)
+                   baseline=record["baseline"], slug=record.get("slug", ""), **tensors)
 
 
 def report_params(sender: Head, receivers: list[Head], kind: str, fold_ln: bool, token_directions: int) -> dict:
@@ -275,7 +271,7 @@ def channels(lab: Lab, sender: Head, receiver, kind: str = "k", *, fold_ln: bool
     weights = folded_weights(lab, fold_ln)
     numbers = decompose(weights, sender, receivers, kind)
     report = ChannelReport(model=lab.info.name, sender=sender, receivers=receivers, kind=kind, fold_ln=fold_ln, **numbers,
-                           baseline={"composition_random": weights.d_model ** -0.5})
+                           baseline={"composition_random": weights.d_model ** -0.5}, slug=lab.info.slug)
     chosen = report.order[:token_directions]
     report.tokens = direction_tokens(lab, weights, sender, report.directions[:, chosen], chosen, top_tokens)
     return report

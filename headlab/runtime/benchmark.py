@@ -34,6 +34,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from headlab import validate
 from headlab.masks import HeadMask
 from headlab.runtime.model import CompressedLM
 from headlab.runtime.weights import model_modules
@@ -320,7 +321,9 @@ def measure_one(model, mask: HeadMask, kind: str, context: int, *, new_tokens: i
 def measure(model, mask: HeadMask, contexts=(1024, 2048), new_tokens: int = 32, *, kinds=DEFAULT_KINDS, warmup: int = 4,
             chunk_size: int = 4096, seed: int = 0, cuda_graph: bool = True, attention: str = "sdpa") -> pd.DataFrame:
     """The table: one row per context and cache kind (see the module's docstring for the columns);
-    `attention` is the `CompressedLM` path of the `compressed` rows."""
+    `attention` is the `CompressedLM` path of the `compressed` rows. A `Lab`'s contexts are checked against its limit first."""
+    if hasattr(model, "info"):
+        contexts = validate.contexts(contexts, model.info, "contexts", extra_tokens=new_tokens + warmup)
     rows = [measure_one(model, mask, kind, int(context), new_tokens=new_tokens, warmup=warmup, chunk_size=chunk_size,
                         seed=seed, cuda_graph=cuda_graph, attention=attention)
             for context in contexts for kind in kinds]

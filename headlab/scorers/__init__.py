@@ -51,8 +51,15 @@ class Scorer(ABC):
             _SCORERS[cls.kind] = cls
 
     def params(self) -> dict:
-        """Every parameter, JSON-able: what a stored run records and is keyed by."""
-        return _jsonable(dataclasses.asdict(self))
+        """Every parameter, JSON-able: what a stored run records and is keyed by.
+
+        A parameter naming a user file (haystack, dataset, prompts) keys the run by the file's content too:
+        `files: {parameter: sha256}` is added (absent when no parameter names a file), so two versions of
+        one file never share a stored result.
+        """
+        params = _jsonable(dataclasses.asdict(self))
+        files = store.file_hashes(params)
+        return {**params, "files": files} if files else params
 
     def run_path(self, lab: Lab, root: Path | None = None) -> Path:
         """Where this run of `lab` lives in the store."""
@@ -65,7 +72,7 @@ class Scorer(ABC):
     def result(self, lab: Lab, values: torch.Tensor, raw: dict | None = None, meta: dict | None = None) -> HeadScores:
         """`HeadScores` of this run: `values` `[n_layers, n_heads]`, with kind, model and params filled in."""
         return HeadScores(kind=self.kind, model=lab.info.name, params=self.params(), values=values,
-                          raw=raw or {}, meta=meta or {})
+                          raw=raw or {}, meta={**(meta or {}), "slug": lab.info.slug})
 
 
 def _load_modules() -> None:
@@ -94,12 +101,16 @@ def scorer_fields(kind: str) -> dict[str, object]:
 
 
 def make_scorer(kind: str, **params) -> Scorer:
-    """The scorer of `kind` with `params` over its defaults; an unknown parameter is an error naming the known ones."""
+    """The scorer of `kind` with `params` over its defaults; an unknown parameter, or a value its field's type
+    annotation does not allow (`prompts="abc"` for `list[str] | None`), is an error naming the parameter."""
+    from headlab import validate
+
     cls = scorer_class(kind)
+    params.pop("files", None)  # the content hashes a stored run's params carry: recomputed from the files themselves
     unknown = set(params) - set(scorer_fields(kind))
     if unknown:
         raise TypeError(f"Score kind '{kind}' takes no parameter {sorted(unknown)}; it takes {sorted(scorer_fields(kind))}.")
-    return cls(**params)
+    return cls(**validate.dataclass_params(cls, params, f"Score kind '{kind}'"))
 
 
 def resolve_params(kind: str, **params) -> dict:
@@ -126,5 +137,4 @@ def score(lab: Lab, kind: str, *, recompute: bool = False, save: bool = True, **
 
 def stored(lab: Lab, kind: str, **params) -> HeadScores | None:
     """The stored run of `kind` with `params` for `lab`, or None; never computes."""
-    path = make_scorer(kind, **params).run_path(lab)
-    return HeadScores.load(path) if path.exists() else None
+    return store.stored_run(make_scorer(kind, **params).run_path(lab), HeadScores.load)
