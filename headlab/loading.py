@@ -38,6 +38,9 @@ EMBEDDED_REFUSAL_NAME = "SmolLM2-135M-Instruct-refusal"
 REFUSAL_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "cached_runs" / "adapters" / EMBEDDED_REFUSAL
 
 
+STAGING_STALE_SECONDS = 600  # a first load writes its staging folder in well under this
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
@@ -98,6 +101,7 @@ def ensure_embedded_folder() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_staging(folder)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
@@ -108,6 +112,17 @@ def ensure_embedded_folder() -> Path:
         if not (folder / "config.json").exists():  # a concurrent first load may have won the rename
             raise
     return folder
+
+
+def sweep_staging(folder: Path, older_than: float = STAGING_STALE_SECONDS) -> list[Path]:
+    """Remove staging folders of `folder` (`<name>.<random>`) older than `older_than` seconds: left by a killed
+    first load (each holds a partial copy of the model, hundreds of MB)."""
+    cutoff, removed = time.time() - older_than, []
+    for staging in folder.parent.glob(folder.name + ".*"):
+        if staging.is_dir() and staging.stat().st_mtime < cutoff:
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

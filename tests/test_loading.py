@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -209,3 +210,19 @@ def test_a_known_model_type_with_a_leftover_auto_map_loads_with_transformers_own
     monkeypatch.setattr("builtins.input", lambda *args: pytest.fail("asked on stdin"))
     loaded = hl.load(str(folder), device="cpu")
     assert loaded.info.architecture == "LlamaForCausalLM" and not marker.exists()
+
+
+def test_a_killed_first_load_leaves_no_staging_folder_behind(tmp_path):
+    """A first load killed mid-write leaves `<model>.<random>/` (a partial model copy); the next first load sweeps it."""
+    from headlab.loading import sweep_staging
+
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct-q8"
+    stale, fresh = folder.parent / f"{folder.name}.abc123", folder.parent / f"{folder.name}.def456"
+    for staging in (stale, fresh):
+        staging.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"\0" * 1024)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    (folder.parent / "other-model.xyz").mkdir()
+    assert sweep_staging(folder) == [stale]
+    assert not stale.exists() and fresh.exists()  # a recent one may be another process's load in progress
+    assert (folder.parent / "other-model.xyz").exists()
