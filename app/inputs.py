@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from headlab import ModelInfo, ModelLoadError, validate
-from headlab.validate import is_loopback  # noqa: F401  (the app's one loopback rule)
 from headlab.heads import Head, check_head, format_heads, parse_heads  # noqa: F401  (the app's head inputs)
 
 
@@ -77,11 +76,7 @@ class FileAccess:
     remote: bool = False
 
     def __post_init__(self):
-        if self.files_dir is not None:
-            folder = Path(self.files_dir).expanduser().resolve()
-            if not folder.is_dir():
-                raise ValueError(f"files_dir {str(self.files_dir)!r} is not a folder: give an existing folder of files to share.")
-            object.__setattr__(self, "files_dir", folder)
+        object.__setattr__(self, "files_dir", validate.files_dir(self.files_dir))
 
     @property
     def any_folder(self) -> bool:

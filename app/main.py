@@ -17,10 +17,11 @@ from pathlib import Path
 import gradio as gr
 
 import headlab as hl
+from headlab import validate
 from app.ablate_tab import build_ablate_tab
 from app.atlas_tab import build_atlas_tab
 from app.channels_tab import build_channels_tab
-from app.inputs import FileAccess, is_loopback
+from app.inputs import FileAccess
 from app.model_tab import build_model_tab, current_model
 from app.retrieval_tab import build_retrieval_tab
 from app.runtime_tab import build_runtime_tab
@@ -80,12 +81,7 @@ def build_app(lab: hl.Lab | None = None, files: FileAccess | None = None) -> gr.
 
 def serving_access(host: str, allow_remote: bool, auth, files_dir: str | Path | None, share: bool = False) -> FileAccess:
     """Check a launch's exposure before anything loads: what its inputs may read, or `ValueError` saying how to opt in."""
-    remote = share or not is_loopback(host)
-    if remote and not allow_remote:
-        raise ValueError(
-            f"Serving on {'a public share link' if share else repr(host)} lets other machines use the app: pass allow_remote=True "
-            "(headlab app --allow-remote) to do so, ideally with auth=(user, password) and files_dir, or serve on 127.0.0.1."
-        )
+    remote = validate.serve_host(host, allow_remote, share)
     if auth is not None and not (isinstance(auth, tuple) and len(auth) == 2 and all(isinstance(part, str) and part for part in auth)):
         raise ValueError("auth must be (user, password), two non-empty strings (headlab app --auth user:password).")
     return FileAccess(files_dir=files_dir, remote=remote)

@@ -241,12 +241,6 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return tensors_to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors as safetensors at `path` atomically."""
-    data = _tensor_bytes(tensors)
-    _atomic_write(Path(path), lambda tmp: write_bytes(tmp, data))
-
-
 def _raw_files(path: Path) -> list[Path]:
     """Every raw file of the record at `path`: `<stem>.safetensors` and `<stem>.<sha12>.safetensors`."""
     pattern = re.compile(re.escape(path.stem) + r"(\.[0-9a-f]{12})?\.safetensors")

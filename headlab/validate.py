@@ -311,12 +311,15 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def serve_host(host: str, allow_remote: bool) -> bool:
-    """Whether `host` serves beyond this machine; that needs `allow_remote`, else ValueError."""
-    remote = not is_loopback(str(host).strip().lower())
+def serve_host(host: str, allow_remote: bool, share: bool = False) -> bool:
+    """Whether serving on `host` (or a public `share` link) reaches beyond this machine; that needs `allow_remote`,
+    else ValueError. The one rule for the CLI (checked before the model loads) and the app's `launch`."""
+    remote = share or not is_loopback(str(host).strip().lower())
     if remote and not allow_remote:
-        raise ValueError(f"--host {host} serves the app to every machine that can reach this one (it runs the model "
-                         "and reads files for anyone): add --allow-remote to do so on purpose, with --auth USER:PASS.")
+        where = "a public share link" if share else f"--host {host}"
+        raise ValueError(f"{where} serves the app to every machine that can reach this one (it runs the model and "
+                         "reads files for anyone): add --allow-remote (launch(..., allow_remote=True)) to do so on "
+                         "purpose, with --auth USER:PASS.")
     return remote
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from headlab import validate
-from headlab.masks import HeadMask
+from headlab.masks import MIB, HeadMask
 from headlab.runtime.model import CompressedLM
 from headlab.runtime.weights import model_modules
 
@@ -334,10 +334,9 @@ def measure(model, mask: HeadMask, contexts=(1024, 2048), new_tokens: int = 32, 
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:
     """`measure`'s table for reading: KV in MiB, the held/ideal ratio, prefill seconds and decode ms per token."""
-    mib = 2**20
     return pd.DataFrame({
         "context": table["context"], "cache": table["cache"],
-        "KV MiB held": (table["kv_bytes"] / mib).round(2), "KV MiB ideal": (table["ideal_kv_bytes"] / mib).round(2),
+        "KV MiB held": (table["kv_bytes"] / MIB).round(2), "KV MiB ideal": (table["ideal_kv_bytes"] / MIB).round(2),
         "held / ideal": table["kv_ratio"].round(3), "prefill s": table["prefill_s"].round(2),
         "decode ms/token": table["decode_ms"].round(1),
     })

@@ -37,7 +37,7 @@ from headlab.activations import kl_divergence
 from headlab.datasets import requests
 from headlab.heads import Head, all_heads, format_heads, head_label
 from headlab.lab import Lab
-from headlab.scorers import Scorer
+from headlab.scorers import Scorer, make_scorer
 from headlab.scores import HeadScores
 
 SAHARA_OBJECTIVES = ("kl", "refusal_prob")
@@ -329,7 +329,7 @@ def method_label(method: str) -> str:
 
 def ships_ablation(scores: HeadScores) -> AblationMethod:
     """The ablation method (with its parameters) a Ships run used."""
-    return Safety(**{k: v for k, v in scores.params.items() if k in Safety.__dataclass_fields__}).ablation()
+    return make_scorer("safety", **scores.params).ablation()
 
 
 def answers_side_by_side(lab: Lab, prompts: list[str], head_sets: dict[str, list[Head]], method: AblationMethod,
