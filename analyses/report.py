@@ -1,5 +1,8 @@
 """Write an analysis's markdown into its own section of analyses/README.md, leaving the other sections alone.
 
+The analyses produce the runs the repository ships: importing this module points the results store at
+`cached_runs/` (unless `$HEADLAB_RUNS` is set), which is read-only for every other caller.
+
 A section lives between `<!-- begin NAME -->` and `<!-- end NAME -->`; a missing one is appended.
 The file is replaced atomically, so an interrupted run never leaves half a README.
 """
@@ -10,7 +13,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from headlab import store
+
 README = Path(__file__).resolve().parent / "README.md"
+os.environ.setdefault("HEADLAB_RUNS", str(store.REPO_RUNS))  # analyses write the shipped runs
 HEADER = "# Analyses\n\nEach section is written by the script it names, on the embedded model, on the CPU unless it says otherwise.\n"
 
 

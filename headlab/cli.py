@@ -1,4 +1,5 @@
-"""The `headlab` command line: batch jobs whose results land in the store (`cached_runs/`).
+"""The `headlab` command line: batch jobs whose results land in the user's results folder (`$HEADLAB_RUNS`, default
+`~/.cache/headlab/runs`), read before the shipped `cached_runs/`, which the CLI never writes.
 
 Defaults are read, never retyped: a scorer's from its dataclass, an ablation method's flags are
 generated from the registered methods' fields (`headlab.ablation.METHODS`), the curve's from
@@ -314,9 +315,9 @@ def cmd_runs(args) -> int:
         print(json.dumps(rows))
         return 0
     if not rows:
-        print(f"No runs stored under {store.runs_dir()}.")
+        print(f"No runs stored under {store.runs_dir()} (yours) or {store.shipped_dir()} (shipped).")
     for row in rows:
-        print(f"{row['model']:<28} {row['record']:<15} {row['kind']:<16} {row['path']}")
+        print(f"{row['where']:<8} {row['model']:<28} {row['record']:<15} {row['kind']:<16} {row['path']}")
     return 0
 
 

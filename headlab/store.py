@@ -1,4 +1,10 @@
-"""The results store: `cached_runs/<model-slug>/<name>-<params-hash>.json` (+ raw `.safetensors`).
+"""The results store: `<runs>/<model-slug>/<name>-<params-hash>.json` (+ raw `.safetensors`).
+
+Two roots. What a user computes is written to their own results folder, `runs_dir()`: `$HEADLAB_RUNS`,
+else `~/.cache/headlab/runs` (under `$XDG_CACHE_HOME` when set). The runs shipped with the repository
+in `cached_runs/` (`shipped_dir()`) are read, never written, at run time: a lookup reads the user's
+folder first, then the shipped twin of the same file (`stored_run`). Only `make cache` and the
+analyses scripts, which produce the shipped runs, point `$HEADLAB_RUNS` at `cached_runs/`.
 
 A record and its raw data are one unit (`write_record`): the raw tensors go to a file named by the
 hash of its bytes (`<stem>.<sha12>.safetensors`), written first; the JSON, which names that file, is
@@ -37,7 +43,7 @@ try:
 except ImportError:  # Windows: no folder lock; each file is still replaced atomically
     fcntl = None
 
-REPO_RUNS = Path(__file__).resolve().parent.parent / "cached_runs"
+REPO_RUNS = Path(__file__).resolve().parent.parent / "cached_runs"  # the shipped runs: read-only at run time
 STALE_SECONDS = 300  # a temporary (or unnamed raw file) older than this belongs to a killed write
 CHUNK = 1 << 22  # raw files are written in 4 MiB pieces
 
@@ -55,8 +61,31 @@ def slugify(model_name: str) -> str:
 
 
 def runs_dir() -> Path:
-    """`$HEADLAB_RUNS`, else the repository's `cached_runs/`."""
-    return Path(os.environ.get("HEADLAB_RUNS", REPO_RUNS)).expanduser()
+    """The user's results folder, where computed runs are written: `$HEADLAB_RUNS`, else
+    `$XDG_CACHE_HOME/headlab/runs` (default `~/.cache/headlab/runs`)."""
+    if os.environ.get("HEADLAB_RUNS"):
+        return Path(os.environ["HEADLAB_RUNS"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "headlab" / "runs"
+
+
+def shipped_dir() -> Path:
+    """The runs shipped with the repository (`cached_runs/`), read after the user's folder and never written
+    at run time; `$HEADLAB_SHIPPED_RUNS` moves it, and setting it empty turns the shipped runs off."""
+    value = os.environ.get("HEADLAB_SHIPPED_RUNS")
+    return REPO_RUNS if value is None else Path(value).expanduser()
+
+
+def shipped_twin(path: Path) -> Path | None:
+    """The shipped run that answers the same lookup as `path` in the user's folder (None when `path` is not
+    under it, the shipped runs are off, or the user's folder is the shipped one)."""
+    if os.environ.get("HEADLAB_SHIPPED_RUNS") == "":
+        return None
+    user, shipped = runs_dir().resolve(), shipped_dir().resolve()
+    try:
+        relative = Path(path).resolve().relative_to(user)
+    except ValueError:
+        return None
+    return None if user == shipped else shipped / relative
 
 
 def params_hash(params: dict) -> str:
@@ -115,21 +144,24 @@ R = TypeVar("R", bound=Record)
 
 
 def stored_run(path: Path, load: Callable[[Path], R], *, then: str = "it is treated as missing") -> R | None:
-    """The run stored at `path` (read with `load`), or None when there is none or it is damaged (a warning
-    says so, ending with `then`).
+    """The run stored at `path` (read with `load`), else its shipped twin (`shipped_twin`), or None when there is
+    none or it is damaged (a warning says so, ending with `then`).
 
     A damaged record is read twice before giving up: a writer may swap the record (and remove its old
     raw file) between our reading its JSON and its raw file.
     """
-    for attempt in range(2):
-        if not path.exists():
-            return None
-        try:
-            return load(path)
-        except DAMAGE_ERRORS as err:
-            if attempt:
-                warnings.warn(f"The stored record {path} is damaged ({type(err).__name__}: {err}); {then}.",
-                              stacklevel=2)
+    for candidate in (path, shipped_twin(path)):
+        if candidate is None:
+            continue
+        for attempt in range(2):
+            if not candidate.exists():
+                break
+            try:
+                return load(candidate)
+            except DAMAGE_ERRORS as err:
+                if attempt:
+                    warnings.warn(f"The stored record {candidate} is damaged ({type(err).__name__}: {err}); {then}.",
+                                  stacklevel=2)
     return None
 
 
@@ -326,28 +358,42 @@ class RunList(list):
     damaged: list[dict]
 
 
-def list_runs(root: Path | None = None) -> RunList:
-    """One row per stored run: model, name, file, and the record's kind/params where present.
+def _roots(root: Path | None) -> list[tuple[str, Path]]:
+    """The folders `list_runs` reads: `root` alone, or the user's folder then the shipped one."""
+    if root is not None:
+        return [("here", Path(root))]
+    roots = [("yours", runs_dir())]
+    if os.environ.get("HEADLAB_SHIPPED_RUNS") != "" and shipped_dir().resolve() != runs_dir().resolve():
+        roots.append(("shipped", shipped_dir()))
+    return roots
 
-    Damaged records (malformed JSON, missing or truncated raw file) are skipped, listed in the result's
-    `damaged`, and reported with a warning.
+
+def list_runs(root: Path | None = None) -> RunList:
+    """One row per stored run: where (yours / shipped), model, name, file, and the record's kind/params.
+
+    Without `root`, the user's results folder and then the shipped runs; a shipped run the user's folder
+    also holds (the same file name) is listed once, as the user's. Damaged records (malformed JSON, missing
+    or truncated raw file) are skipped, listed in the result's `damaged`, and reported with a warning.
     """
-    root = root or runs_dir()
     rows = RunList()
     rows.damaged = []
-    for path in sorted(root.glob("*/*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            record = read_json(path)
-            error = _damage(path, record)
-        except DAMAGE_ERRORS as err:
-            error = f"{type(err).__name__}: {err}"
-        if error:
-            rows.damaged.append({"path": str(path), "error": error})
-            continue
-        rows.append({"model": path.parent.name, "record": record.get("record", "?"), "kind": record.get("kind", ""),
-                     "params": record.get("params", {}), "path": str(path)})
+    seen: set[str] = set()
+    for where, folder in _roots(root):
+        for path in sorted(folder.glob("*/*.json")):
+            key = f"{path.parent.name}/{path.name}"
+            if path.name.startswith(".") or key in seen:
+                continue
+            seen.add(key)
+            try:
+                record = read_json(path)
+                error = _damage(path, record)
+            except DAMAGE_ERRORS as err:
+                error = f"{type(err).__name__}: {err}"
+            if error:
+                rows.damaged.append({"path": str(path), "error": error})
+                continue
+            rows.append({"where": where, "model": path.parent.name, "record": record.get("record", "?"),
+                         "kind": record.get("kind", ""), "params": record.get("params", {}), "path": str(path)})
     if rows.damaged:
         warnings.warn(f"{len(rows.damaged)} damaged stored record(s) skipped: "
                       + "; ".join(f"{d['path']} ({d['error']})" for d in rows.damaged), stacklevel=2)

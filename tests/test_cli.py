@@ -28,8 +28,9 @@ def test_score_runs_and_ablate(tmp_path, lab):
     assert result["top"][0]["value"] > 0.5
     assert os.path.exists(result["path"]) and result["path"].startswith(str(tmp_path))
 
-    runs = _cli("runs", "--json", runs_dir=tmp_path)
-    assert [r["kind"] for r in json.loads(runs.stdout)] == ["induction"]
+    runs = json.loads(_cli("runs", "--json", runs_dir=tmp_path).stdout)
+    assert [r["kind"] for r in runs if r["where"] == "yours"] == ["induction"]
+    assert {r["where"] for r in runs} == {"yours", "shipped"}  # the shipped runs are listed, never written
 
     heads = ",".join(t["label"] for t in result["top"][:4])
     ablated = _cli("ablate", "--heads", heads, "--n", "2", "--json", runs_dir=tmp_path)

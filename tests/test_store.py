@@ -325,3 +325,31 @@ def test_built_in_names_are_never_taken_for_files(tiny_lab, tmp_path, monkeypatc
     (tmp_path / "filler").write_text("a file that happens to be called filler")
     config = make_scorer("retrieval", haystack="filler")
     assert "files" not in config.params() and config.run_path(tiny_lab) == default
+
+
+def test_user_results_go_to_the_users_folder_and_shipped_runs_are_read_never_written(tiny_lab, tmp_path, monkeypatch):
+    """The design's rule: cached_runs/ is read-only at run time. A lookup reads the user's folder, then the shipped
+    twin; a computation (or a recompute) writes to the user's folder and leaves the shipped file untouched."""
+    monkeypatch.delenv("HEADLAB_RUNS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert store.runs_dir() == tmp_path / "xdg" / "headlab" / "runs"
+    assert store.REPO_RUNS not in store.runs_dir().parents and store.runs_dir() != store.REPO_RUNS
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    monkeypatch.setenv("HEADLAB_SHIPPED_RUNS", str(shipped))
+    monkeypatch.setenv("HEADLAB_RUNS", str(shipped))  # a maintainer ships a run (as `make cache` does)
+    first = hl.score(tiny_lab, "previous_token", n=2, seq_len=8)
+    shipped_file = make_scorer("previous_token", n=2, seq_len=8).run_path(tiny_lab)
+    before = shipped_file.read_bytes()
+    monkeypatch.setenv("HEADLAB_RUNS", str(user))  # a user's session
+    calls = []
+    compute = scorer_class("previous_token").compute
+    monkeypatch.setattr(scorer_class("previous_token"), "compute", lambda self, lab: calls.append(1) or compute(self, lab))
+    read = hl.score(tiny_lab, "previous_token", n=2, seq_len=8)
+    assert calls == [] and torch.equal(read.values, first.values)  # the shipped run answered
+    assert [row["where"] for row in store.list_runs()] == ["shipped"]
+    hl.score(tiny_lab, "previous_token", n=2, seq_len=8, recompute=True)
+    assert calls == [1] and shipped_file.read_bytes() == before  # recomputed into the user's folder only
+    assert (user / shipped_file.relative_to(shipped)).exists()
+    assert [row["where"] for row in store.list_runs()] == ["yours"]  # the user's run shadows the shipped one
+    monkeypatch.setenv("HEADLAB_SHIPPED_RUNS", "")
+    assert store.shipped_twin(user / "x" / "y.json") is None  # shipped runs turned off
