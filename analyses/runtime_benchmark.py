@@ -1,21 +1,48 @@
 """Memory and speed of the compressed-KV runtime vs Hugging Face's caches and kvpress, Llama-3.1-8B shape, on a GPU.
 
-    python analyses/runtime_benchmark.py OUT.json [--contexts 8192 32768 131072] [--new-tokens 32]
-        [--kinds hf_full hf_static compressed] [--check] [--microbench]
+    python analyses/runtime_benchmark.py OUT.json --check --microbench --sweep --profile --peak --longest
+    python analyses/runtime_benchmark.py OUT.json --kinds hf_full hf_static compressed   # the 50% mask vs baselines
     python analyses/runtime_benchmark.py KVPRESS.json --kinds kvpress_duo   # in an environment with kvpress
-    python analyses/runtime_benchmark.py --readme-from OUT.json KVPRESS.json --command "..."
+    python analyses/runtime_benchmark.py --readme-from OUT.json [KVPRESS.json] --command "..."
+    python analyses/runtime_benchmark.py OUT.json --devices 2 --shape llama-3.1-70b --contexts 32768 --sharded-check
+    python analyses/runtime_benchmark.py OUT.json --dry-run --devices 2 --shape tiny --contexts 64   # CPU, no numbers
 
-Random bf16 weights built on the GPU (only memory and speed are measured), batch 1, a random
-HeadMask with `MaskConfig`'s budget and window (half the KV heads full, sink 64, recent 256). Rows (`headlab.runtime.benchmark`):
-`hf_full` (DynamicCache, plain `model(...)` decode loop), `hf_static` (StaticCache, decode step in
-a CUDA graph: the fair fast full-cache baseline), `kvpress_duo` (kvpress' DuoAttentionPress with
-the same mask; kvpress needs transformers<5.3, so it runs in its own environment and its JSON is
-merged at render time) and `compressed` (`headlab.runtime.CompressedLM`, "sdpa" path, decode
-step in a CUDA graph). The HBM floor of a decode step is (weight bytes + KV bytes held) / the
-measured device-to-device copy bandwidth. `--check` first compares the runtime's logits with the
-plain model's on the GPU (all-full mask) and the "sdpa" path with the "eager" one (mixed mask).
-`--microbench` times the decode attention over a 128k full-head buffer alone. `--readme-from`
-renders one or more JSON results into analyses/README.md (section runtime_benchmark).
+Random bf16 weights built on the GPU (only memory and speed are measured). The HBM floor of a
+decode step is (weight bytes + KV bytes held) / the measured device-to-device copy bandwidth.
+- `--sweep`: the budget table (`headlab.runtime.benchmark.budget_sweep`): decode ms per step (CUDA
+  graph) for every context x share of full KV heads (25/50/75/100%: 100% is the whole cache through
+  the same kernels, the fair full-cache reference) x batch (1/4/16), tokens/s, and decode / floor;
+  the cache is filled by `synthetic_prefill` (random keys and values where a prefill would put the
+  model's: same bytes, same kernels). Targets: decode <= 1.15x the floor, never slower at a smaller budget.
+- `--peak`: batch 1, a real chunked prefill per budget and context: the prefill peak above the
+  weights (target <= KV + 2 GiB) and the decode step after it.
+- `--profile`: torch.profiler's GPU time per kernel kind of one decode step (`profile_step`).
+- `--longest`: the longest context that prefills and decodes at 25% full heads and with the full
+  cache (`longest_context`: doubling, then bisection, out-of-memory caught).
+- `--check`: the runtime's logits against float32 references, on a 4-layer model of the 8B shape
+  (bf16 weights, computed in bf16 and in float32, batch 2, 2048 + 8 tokens): the all-full runtime against the
+  plain transformers model, and a mixed mask (sink 16, recent 200: the ring wraps) against the
+  runtime's eager path (the streaming-window reference). The bf16 noise floor is measured too: the
+  error of the bf16 references themselves (transformers' SDPA and eager attention, the eager path)
+  against float32. Any runtime error over `CHECK_TOLERANCE` x that floor fails the run (exit 1).
+- `--microbench`: one layer's decode attention alone (the Triton kernel, in a CUDA graph) against
+  the copy-bandwidth floor of its bytes, for a few kernel configurations.
+- `--kinds`: the old table, the `MaskConfig` mask (50%) against `hf_full` (DynamicCache), `hf_static`
+  (StaticCache + CUDA graph), `kvpress_duo` (kvpress' DuoAttentionPress; needs transformers<5.3, so
+  its own environment, merged at render time) and `compressed`, with a real prefill.
+- `--devices N` (N > 1): the model (`--shape`, e.g. llama-3.1-70b, random bf16 weights drawn on each GPU) split
+  evenly by layers over the first N GPUs of the host (`placement.balanced_device_map`, accelerate's dispatch), and
+  the budget sweep's decode rows (`--fractions`, `--batches`) with the KV held per GPU against its ideal and the
+  decode step against two HBM floors (`benchmark.hbm_floors`): every byte read (weights + KV) over the GPUs' summed
+  copy bandwidth, and, since the layers run one after another, the sum of each GPU's bytes over its bandwidth.
+  No CUDA graph (one graph cannot follow the hidden state from GPU to GPU): the steps are timed with perf_counter
+  around a step synchronised on every GPU. `--sharded-check` first runs an 8-layer model of the 8B shape on one GPU and
+  then sharded over the N GPUs (the same weights, moved): logits of chunked prefill + decode must agree within
+  `SHARDED_TOLERANCE` and each GPU must hold exactly the ideal KV of its layers; and the embedded model as a Lab,
+  loaded with a balanced device_map, must score induction as on one GPU. `--dry-run` builds everything on the CPU
+  (N "cpu" devices, no bandwidth: floors blank) to check that the run constructs.
+`--readme-from` renders JSON results into analyses/README.md (sections runtime_budgets, runtime_sharded, and
+runtime_benchmark when the results hold `--kinds` rows).
 """
 from __future__ import annotations
 
@@ -31,11 +58,20 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from headlab import placement  # noqa: E402
 from headlab.masks import HeadMask, MaskConfig  # noqa: E402
-from headlab.runtime.benchmark import KINDS, copy_bandwidth, info_of, llama_8b_config, measure, random_llama, weight_bytes  # noqa: E402
+from headlab.runtime.benchmark import (  # noqa: E402
+    BATCHES, FRACTIONS, KERNEL_KINDS, KINDS, SHAPES, budget_mask, budget_sweep, copy_bandwidth, hbm_floors, info_of,
+    llama_8b_config, llama_config, longest_context, measure, measure_one, profile_step, random_llama, weight_bytes,
+    weight_bytes_by_device)
 
 GIB = 1 << 30
-TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB
+TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB  # the --kinds table's targets (128k, 50% mask)
+TARGET_BUDGET_FLOOR = 1.15  # the budget table's: decode / HBM floor at every context, budget and batch
+CHECK_TOLERANCE = 1.5  # --check fails when a runtime error exceeds this multiple of the measured bf16 noise floor
+SHARDED_TOLERANCE = 5e-3  # --sharded-check: relative L2 error of the sharded run's logits against one GPU's (bf16)
+MICROBENCH_CONFIGS = ({}, {"programs": 528, "num_stages": 2}, {"num_stages": 2}, {"programs": 528}, {"block_n": 128},
+                      {"programs": 1056})
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,64 +79,250 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def check(model, mask, n: int = 2048, steps: int = 8) -> dict:
-    """Relative errors on the GPU (bf16): runtime vs plain model (all-full), sdpa vs eager path (mixed mask)."""
+def _runtime_logits(model, mask, tokens: torch.Tensor, n: int, held: dict | None = None) -> torch.Tensor:
+    """Prefill `tokens[:, :n]` in chunks, then decode the rest one token at a time (CUDA graph on one GPU): float32
+    logits. `held`, when given, receives the runtime's KV bytes per device."""
     from headlab.runtime import CompressedLM
 
-    vocab = model.config.vocab_size
-    tokens = torch.randint(0, vocab, (1, n + steps), generator=torch.Generator().manual_seed(1)).cuda()
+    rt = CompressedLM(model, mask, chunk_size=512, max_length=tokens.shape[1])
+    pre = rt.forward(tokens[:, :n])
+    dec = [rt.forward(tokens[:, i:i + 1]) for i in range(n, tokens.shape[1])]
+    if held is not None:
+        held.update(rt.kv_bytes_by_device())
+    return torch.cat([pre, *[d.to(pre.device) for d in dec]], dim=1).float()
+
+
+def check(n: int = 2048, steps: int = 8, batch: int = 2, layers: int = 4) -> dict:
+    """Relative L2 errors of logits against float32 references, and the bf16 noise floor (see the module docstring).
+    `passed` is False when an error exceeds `CHECK_TOLERANCE` x the floor of its comparison."""
+    from headlab.runtime import CompressedLM
+
+    config = llama_8b_config(num_hidden_layers=layers)
+    model16 = random_llama(config, dtype=torch.float32).to(torch.bfloat16)
+    model32 = random_llama(config, dtype=torch.float32).to(torch.bfloat16).float()  # the same (rounded) weights in float32
+    tokens = torch.randint(0, config.vocab_size, (batch, n + steps), generator=torch.Generator().manual_seed(1)).cuda()
+    info = info_of(model16)
+    full = HeadMask.all_full(info)
+    mixed = HeadMask.random(info, 0.5, seed=0, sink=16, recent=200)  # the ring wraps many times in 2k tokens
+    parts = {"prefill": slice(0, n), "decode": slice(n, n + steps)}
     out = {}
     with torch.no_grad():
-        plain = model(tokens).logits.float()
-        full = HeadMask.all_full(info_of(model), sink=mask.sink, recent=mask.recent)
-        rt = CompressedLM(model, full, chunk_size=512, max_length=n + steps)
-        pre = rt.forward(tokens[:, :n]).float()
-        dec = torch.cat([rt.forward(tokens[:, i:i + 1]) for i in range(n, n + steps)], dim=1).float()  # CUDA graph
-        out["all_full_prefill_vs_plain"] = rel(pre, plain[:, :n])
-        out["all_full_decode_vs_plain"] = rel(dec, plain[:, n:])
-        out["all_full_decode_argmax_agree"] = float((dec.argmax(-1) == plain[:, n:].argmax(-1)).float().mean())
-        small = HeadMask(model=mask.model, n_layers=mask.n_layers, n_heads=mask.n_heads, n_kv_heads=mask.n_kv_heads,
-                         full=mask.full, sink=16, recent=200)  # the ring wraps many times in 2k tokens
-        eager = CompressedLM(model, small, chunk_size=512, attention="eager", page_size=256).logits(tokens).float()
-        rt = CompressedLM(model, small, chunk_size=512, max_length=n + steps)
-        pre = rt.forward(tokens[:, :n]).float()
-        dec = torch.cat([rt.forward(tokens[:, i:i + 1]) for i in range(n, n + steps)], dim=1).float()
-        out["mixed_sdpa_prefill_vs_eager"] = rel(pre, eager[:, :n])
-        out["mixed_sdpa_decode_vs_eager"] = rel(dec, eager[:, n:])
-        out["mixed_vs_plain_prefill"] = rel(eager[:, :n], plain[:, :n])  # far from plain: the check is not vacuous
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:  # the bf16 noise floor: the same plain model through HF's eager attention instead of SDPA
-            out["noise_floor_hf_eager_vs_sdpa"] = rel(model(tokens[:, :n]).logits.float(), plain[:, :n])
-        finally:
-            model.set_attn_implementation(previous)
+        truth = model32(tokens).logits.float()
+        truth_mixed = CompressedLM(model32, mixed, chunk_size=512, attention="eager").logits(tokens).float()
+        del model32
+        torch.cuda.empty_cache()
+        references = {"hf_sdpa": model16(tokens).logits.float()}
+        model16.set_attn_implementation("eager")
+        references["hf_eager"] = model16(tokens).logits.float()
+        model16.set_attn_implementation("sdpa")
+        eager_mixed = CompressedLM(model16, mixed, chunk_size=512, attention="eager").logits(tokens).float()
+        runtime_full = _runtime_logits(model16, full, tokens, n)
+        runtime_mixed = _runtime_logits(model16, mixed, tokens, n)
+    for part, where in parts.items():
+        floor = max(rel(ref[:, where], truth[:, where]) for ref in references.values())
+        floor_mixed = rel(eager_mixed[:, where], truth_mixed[:, where])
+        out[f"noise_floor_plain_{part}"] = floor
+        out[f"noise_floor_mixed_{part}"] = floor_mixed
+        out[f"all_full_{part}_error"] = rel(runtime_full[:, where], truth[:, where])
+        out[f"mixed_{part}_error"] = rel(runtime_mixed[:, where], truth_mixed[:, where])
+        out[f"all_full_{part}_ratio"] = out[f"all_full_{part}_error"] / floor
+        out[f"mixed_{part}_ratio"] = out[f"mixed_{part}_error"] / floor_mixed
+    out["mixed_vs_plain"] = rel(truth_mixed, truth)  # far from plain: the mixed comparison is not vacuous
+    out["passed"] = all(v <= CHECK_TOLERANCE for k, v in out.items() if k.endswith("_ratio"))
     return out
 
 
-def microbench(bw: float, length: int = 131072, n_kv: int = 4, group: int = 4, d: int = 128) -> dict:
-    """Decode attention over one layer's full heads at `length` tokens, alone: the eager `grouped_attention` and the
-    Triton split-KV kernel (`decode_attention` on CUDA); CUDA events around 8 back-to-back calls, median of 20."""
-    from headlab.runtime.static import decode_attention, grouped_attention
+def _gpus(n: int) -> list[str]:
+    return [f"cuda:{i}" for i in range(n)]
 
-    q = torch.randn(1, n_kv, group, d, dtype=torch.bfloat16, device="cuda")
-    k = torch.randn(1, n_kv, length, d, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn_like(k)
-    allowed = torch.ones(length, dtype=torch.bool, device="cuda")
-    result = {"length": length, "floor_ms": 2 * k.numel() * 2 / bw * 1e3}
-    for name, fn in (("eager_ms", grouped_attention), ("triton_ms", decode_attention)):
-        times = []
-        for i in range(25):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(8):
-                fn(q, k, v, allowed, d ** -0.5)
-            e.record()
-            e.synchronize()
-            if i >= 5:
-                times.append(s.elapsed_time(e) / 8)
-        times.sort()
-        result[name] = times[len(times) // 2]
-    return result
+
+def sharded_check(devices: int, n: int = 2048, steps: int = 8, batch: int = 2, layers: int = 8) -> dict:
+    """The same model on one GPU and sharded over `devices` GPUs (see the module's docstring): `passed` when the
+    logits agree within `SHARDED_TOLERANCE`, every GPU holds the ideal KV of its layers, and the sharded Lab scores
+    induction like the single-GPU one (max abs difference <= 1e-3, float32)."""
+    import headlab as hl
+    from accelerate import dispatch_model
+
+    config = llama_8b_config(num_hidden_layers=layers)
+    model = random_llama(config, device="cuda:0")
+    mask = HeadMask.random(info_of(model), 0.5, seed=0, sink=16, recent=200)
+    tokens = torch.randint(0, config.vocab_size, (batch, n + steps), generator=torch.Generator().manual_seed(1)).cuda()
+    out, held = {}, {}
+    with torch.no_grad():
+        one = _runtime_logits(model, mask, tokens, n)
+        model = dispatch_model(model, device_map=placement.balanced_device_map(model, _gpus(devices)))  # the same weights
+        two = _runtime_logits(model, mask, tokens, n, held)
+    ideal = placement.ideal_kv_bytes_by_device(mask, placement.layer_devices(model), n + steps, 2, config.head_dim, batch)
+    out.update(logits_rel_error=rel(two.to(one.device), one), kv_bytes_by_device=held, ideal_kv_bytes_by_device=ideal)
+    del model
+    torch.cuda.empty_cache()
+    try:  # reported, not raised: the runtime rows after it still run
+        lab = hl.load("embedded", device="cuda:0")
+        sharded = hl.load("embedded", device_map=placement.balanced_device_map(lab.hf_model, _gpus(devices)))
+        scores = [hl.score(x, "induction", n=8, recompute=True, save=False).values for x in (lab, sharded)]
+        out.update(lab_placement=sharded.placement, induction_max_abs_diff=float((scores[0] - scores[1]).abs().max()))
+    except Exception as err:  # noqa: BLE001 - any failure of the sharded Lab is the finding
+        out.update(lab_error=f"{type(err).__name__}: {err}", lab_placement=None, induction_max_abs_diff=math.inf)
+    out["passed"] = (out["logits_rel_error"] <= SHARDED_TOLERANCE and held == ideal and out["induction_max_abs_diff"] <= 1e-3)
+    return out
+
+
+def build_model(args):
+    """The benchmark's random Llama of `--shape`: on the GPU, or split by layers over `--devices` GPUs (or, with
+    `--dry-run`, over that many "cpu" devices)."""
+    config = llama_config(args.shape)
+    if args.devices == 1 and not args.dry_run:
+        return random_llama(config)
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights():
+        meta = LlamaForCausalLM(config)
+    devices = ["cpu"] * args.devices if args.dry_run else _gpus(args.devices)
+    return random_llama(config, device_map=placement.balanced_device_map(meta, devices))
+
+
+def run_sharded(args, result: dict, save) -> None:
+    """`--devices N` / `--dry-run`: the sharded check, then the decode rows of the budget sweep on the sharded model."""
+    if args.sharded_check and not args.dry_run:
+        result["sharded_check"] = sharded_check(args.devices)
+        print("sharded check", json.dumps(result["sharded_check"]), flush=True)
+        save()
+        torch.cuda.empty_cache()
+    model = build_model(args)
+    result.update(weights_bytes=weight_bytes(model), weights_bytes_by_device=weight_bytes_by_device(model),
+                  placement={d: f"layers {v[0]}-{v[-1]}" for d, v in placement.layers_by_device(placement.layer_devices(model)).items()})
+    print("placement", result["placement"], "weights", result["weights_bytes_by_device"], flush=True)
+    log = lambda row: print(json.dumps(_clean(row), default=str), flush=True)  # noqa: E731
+    result["sweep"] = []
+    for context in args.contexts:
+        result["sweep"] += [_clean(r) for r in budget_sweep(model, [context], args.fractions, args.batches,
+                                                            steps=args.new_tokens, warmup=args.warmup, log=log)]
+        save()
+
+
+def render_sharded(result: dict) -> str:
+    """The sharded decode rows: KV held per GPU against its ideal, decode ms/step against both HBM floors."""
+    bandwidth, weights = result.get("bandwidth_by_device", {}), result["weights_bytes_by_device"]
+    lines = [f"Device: {result['device']} (torch {result['torch']}, transformers {result['transformers']}), {result['date']}. "
+             f"{result['args']['shape']} shape, random bf16 weights ({result['weights_bytes'] / GIB:.2f} GiB), split by layers: "
+             + ", ".join(f"{d} {where} ({weights[d] / GIB:.2f} GiB)" for d, where in result["placement"].items())
+             + ". Copy bandwidth per GPU (read + write): "
+             + (", ".join(f"{d} {b / 1e12:.2f} TB/s" for d, b in bandwidth.items()) or "not measured (dry run)")
+             + ". Masks `HeadMask.random` (seed 0) / `all_full`, sink 64 + recent 256; cache filled by `synthetic_prefill`; "
+             f"{result['args']['new_tokens']} timed steps after {result['args']['warmup']} warm-up, median, perf_counter "
+             "around a step synchronised on every GPU (no CUDA graph). Floor together = all bytes read (weights + KV held) / "
+             "the GPUs' summed bandwidth; sequential floor = each GPU's bytes / its bandwidth, summed (the layers run in turn).",
+             "", "| ctx | full KV heads | batch | KV held per GPU GiB | held = ideal | decode ms/step | floor together ms "
+             "| decode / floor together | sequential floor ms | decode / sequential floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.get("sweep", []):
+        ctx, share, batch = f"{r['context'] // 1024}k", f"{r['full_fraction']:.0%}", r["batch"]
+        if r.get("oom"):
+            ideal = ", ".join(f"{b / GIB:.2f}" for b in r["ideal_kv_bytes_by_device"].values())
+            lines.append(f"| {ctx} | {share} | {batch} | ({ideal}) | does not fit | | | | | |")
+            continue
+        held = r["kv_bytes_by_device"]
+        cells = [", ".join(f"{d} {b / GIB:.2f}" for d, b in held.items()), "yes" if held == r["ideal_kv_bytes_by_device"] else "NO",
+                 f"{r['decode_ms']:.2f}"]
+        if bandwidth:
+            together, sequential = hbm_floors({d: weights[d] + held.get(d, 0) for d in weights}, bandwidth)
+            cells += [f"{together:.2f}", f"{r['decode_ms'] / together:.2f}", f"{sequential:.2f}", f"{r['decode_ms'] / sequential:.2f}"]
+        else:
+            cells += ["", "", "", ""]
+        lines.append(f"| {ctx} | {share} | {batch} | " + " | ".join(cells) + " |")
+    check = result.get("sharded_check")
+    if check:
+        lines += ["", f"Sharded check ({'PASSED' if check['passed'] else 'FAILED'}): 8-layer 8B-shape model, one GPU vs sharded, "
+                  f"logits relative L2 error {check['logits_rel_error']:.2e} (tolerance {SHARDED_TOLERANCE}); KV per GPU "
+                  f"{check['kv_bytes_by_device']} (ideal {check['ideal_kv_bytes_by_device']}); the embedded Lab over "
+                  f"{len(check['lab_placement'] or {})} GPUs: induction scores within "
+                  f"{check['induction_max_abs_diff']:.1e} of one GPU's" + (f" (FAILED: {check['lab_error']})" if check.get('lab_error') else "") + "."]
+    return "\n".join(lines)
+
+
+def _graph_ms(fn, calls: int = 16, repeats: int = 10) -> float:
+    """Median ms per call of `fn` (called `calls` times in one CUDA graph), over `repeats` replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def microbench(bw: float, cases=((2, 6, 32768, 1), (2, 6, 131072, 1), (8, 0, 131072, 1), (2, 6, 32768, 16)),
+               group: int = 4, d: int = 128, window: int = 320, layers: int = 4) -> list[dict]:
+    """One layer's decode attention alone (`decode_layer`: append + attend + combine) for `(n_full, n_stream,
+    length, batch)` cases and each of `MICROBENCH_CONFIGS`, in a CUDA graph cycling over `layers` layers' buffers (so
+    nothing is served from L2), against the copy-bandwidth floor of the bytes held."""
+    from headlab.runtime.decode_kernel import decode_layer
+
+    results = []
+    for n_full, n_stream, length, batch in cases:
+        n_kv = n_full + n_stream
+        bufs = [(torch.randn(2, batch, n_full, length, d, dtype=torch.bfloat16, device="cuda"),
+                 torch.randn(2, batch, n_stream, window, d, dtype=torch.bfloat16, device="cuda")) for _ in range(layers)]
+        q = torch.randn(batch, n_kv, group, d, dtype=torch.bfloat16, device="cuda")
+        k, v = torch.randn(2, batch, n_kv, d, dtype=torch.bfloat16, device="cuda").unbind(0)
+        order = torch.arange(n_kv, dtype=torch.int32, device="cuda")
+        pos = torch.tensor([length - 1], device="cuda")
+        nbytes = bufs[0][0].numel() * 2 + bufs[0][1].numel() * 2
+        row = {"n_full": n_full, "n_stream": n_stream, "length": length, "batch": batch, "floor_ms": nbytes / bw * 1e3}
+        for config in MICROBENCH_CONFIGS:
+            def call(i: int = 0, config=config):
+                full_kv, stream_kv = bufs[i % layers]
+                decode_layer(q, k, v, full_kv, stream_kv, order, pos, 64, 256, d ** -0.5, **config)
+            row[json.dumps(config)] = _graph_ms(call)
+        results.append(row)
+        print("microbench", row, flush=True)
+        del bufs
+        torch.cuda.empty_cache()
+    return results
+
+
+def budget_table(result: dict) -> tuple[str, list[str]]:
+    """The budget sweep as markdown, and the verdicts against the targets (floor, monotone in the budget, peak)."""
+    weights, bw = result["weights_bytes"], result["copy_bandwidth_Bps"]
+    peaks = {(r["context"], round(r["full_fraction"], 3)): r for r in result.get("peak", []) if not r.get("oom")}
+    lines = ["| ctx | full KV heads | batch | KV held GiB | decode ms/step | tokens/s | HBM floor ms | decode/floor "
+             "| prefill peak above weights - KV GiB (batch 1) |", "|---|---|---|---|---|---|---|---|---|"]
+    notes, by = [], {}
+    for r in result.get("sweep", []):
+        ctx, share, batch = f"{r['context'] // 1024}k", f"{r['full_fraction']:.0%}", r["batch"]
+        peak = peaks.get((r["context"], round(r["full_fraction"], 3)))
+        slack = f"{(peak['peak_above_weights'] - peak['kv_bytes']) / GIB:.2f}" if peak and batch == 1 else ""
+        if r.get("oom"):
+            lines.append(f"| {ctx} | {share} | {batch} | ({r['ideal_kv_bytes'] / GIB:.2f}) | OOM | | | | {slack} |")
+            continue
+        floor = (weights + r["kv_bytes"]) / bw * 1e3
+        ratio = r["decode_ms"] / floor
+        by[(r["context"], batch, r["full_fraction"])] = r["decode_ms"]
+        lines.append(f"| {ctx} | {share} | {batch} | {r['kv_bytes'] / GIB:.2f} | {r['decode_ms']:.2f} | "
+                     f"{batch * 1e3 / r['decode_ms']:.0f} | {floor:.2f} | {ratio:.2f} | {slack} |")
+        if ratio > TARGET_BUDGET_FLOOR:
+            notes.append(f"- {ctx}, {share}, batch {batch}: decode {ratio:.2f}x the floor, MISSED (target <= "
+                         f"{TARGET_BUDGET_FLOOR}x) by {(ratio / TARGET_BUDGET_FLOOR - 1) * 100:.0f}%.")
+    for (context, batch, share), ms in sorted(by.items()):
+        larger = [(s, by[(context, batch, s)]) for (c, b, s) in by if c == context and b == batch and s > share]
+        for s, other in larger:
+            if ms > other:
+                notes.append(f"- {context // 1024}k, batch {batch}: {share:.0%} full ({ms:.2f} ms) is SLOWER than "
+                             f"{s:.0%} full ({other:.2f} ms), by {(ms / other - 1) * 100:.1f}%.")
+    for (context, share), peak in sorted(peaks.items()):
+        slack = (peak["peak_above_weights"] - peak["kv_bytes"]) / GIB
+        if slack > TARGET_PEAK_SLACK / GIB:
+            notes.append(f"- {context // 1024}k, {share:.0%}: prefill peak KV + {slack:.2f} GiB, MISSED (target <= KV + 2 GiB).")
+    return "\n".join(lines), notes or [f"- every row met: decode <= {TARGET_BUDGET_FLOOR}x the floor, never slower at a "
+                                        "smaller budget, prefill peak <= KV + 2 GiB above the weights."]
 
 
 def table(rows: list[dict], weights: int, bw: float) -> tuple[str, list[dict]]:
@@ -167,8 +389,8 @@ def merged(results: list[dict]) -> dict:
     return first
 
 
-def render(result: dict) -> str:
-    """The markdown: a header stating the setup, the table, and the targets met or missed."""
+def render_kinds(result: dict) -> str:
+    """The `--kinds` rows as markdown: a header stating the setup, the table, and the targets met or missed."""
     a = result["args"]
     md, rows = table(result["rows"], result["weights_bytes"], result["copy_bandwidth_Bps"])
     header = (f"Device: {result['device']} (torch {result['torch']}), {result['date']}. Llama-3.1-8B shape, random bf16 "
@@ -177,14 +399,6 @@ def render(result: dict) -> str:
               f"Copy bandwidth {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write). KV held is measured at the end "
               f"(context + warm-up + timed tokens); ideal = `HeadMask.ideal_kv_bytes` of the 50% mask at that length.")
     extra = ""
-    if "check" in result:
-        extra += "\n\nGPU check (relative L2 error of logits, bf16): " + ", ".join(
-            f"{k} {v:.2e}" if k != "all_full_decode_argmax_agree" else f"{k} {v:.2f}" for k, v in result["check"].items())
-    if "microbench" in result:
-        mb = result["microbench"]
-        extra += (f"\n\nDecode attention alone, one layer's 4 full KV heads at {mb['length']} tokens: Triton split-KV kernel "
-                  f"{mb['triton_ms']:.3f} ms, eager `grouped_attention` {mb['eager_ms']:.3f} ms (copy-bandwidth floor "
-                  f"{mb['floor_ms']:.3f} ms).")
     how = ("`hf_full` = transformers `DynamicCache`, `model(...)` per token (its decode is bound by Python and launches, not "
            "memory). `hf_static` = transformers `StaticCache` preallocated for the whole length, prefill in chunks, the decode "
            "step (mask update, forward, greedy pick, position advance) captured in one CUDA graph: the fair fast full-cache "
@@ -197,8 +411,8 @@ def render(result: dict) -> str:
            "`compressed` = `CompressedLM(model, mask, chunk_size, max_length)` on its \"sdpa\" path: K/V buffers allocated "
            "once for max_length (full heads: slot = position; streaming heads: sink + ring), prefill in chunks (flash SDPA "
            "with a bottom-right causal bias for full heads, a small explicit mask over ring + chunk for streaming heads), "
-           "decode step captured in a CUDA graph with the Triton split-KV decode kernel, torch.compile'd fused "
-           "norm / RoPE / head-split / merge / SiLU pieces, each layer's q/k/v and gate/up weights packed into one "
+           "decode step captured in a CUDA graph with one Triton split-KV launch per layer for all KV heads (append + "
+           "attend), torch.compile'd fused norm / RoPE / SiLU pieces, each layer's q/k/v and gate/up weights packed into one "
            "matrix each (one matrix-vector product instead of three and two), keys and values stored with one write. The HBM floor counts every weight byte (the embedding table "
            "included) once per step.")
     envs = sorted({r["environment"] for r in rows if "environment" in r})
@@ -210,60 +424,249 @@ def render(result: dict) -> str:
             + "\n\nAgainst the baselines:\n" + "\n".join(comparisons(rows)))
 
 
+def _check_md(check: dict) -> str:
+    verdict = "PASSED" if check["passed"] else "FAILED"
+    lines = [f"GPU check ({verdict}; relative L2 error of bf16 logits against float32 references, a run fails over "
+             f"{CHECK_TOLERANCE}x the bf16 noise floor):", "", "| comparison | part | error | bf16 noise floor | error / floor |",
+             "|---|---|---|---|---|"]
+    for kind, floor in (("all_full", "plain"), ("mixed", "mixed")):
+        for part in ("prefill", "decode"):
+            lines.append(f"| {kind} | {part} | {check[f'{kind}_{part}_error']:.2e} | {check[f'noise_floor_{floor}_{part}']:.2e} "
+                         f"| {check[f'{kind}_{part}_ratio']:.2f} |")
+    lines.append(f"\n(The mixed mask's reference differs from the plain model's by {check['mixed_vs_plain']:.2f}: the "
+                 "mixed comparison is not vacuous.)")
+    return "\n".join(lines)
+
+
+def _profile_md(profiles: list[dict], steps: dict) -> str:
+    lines = ["Where a decode step's GPU time goes (torch.profiler, uncaptured steps, ms per step / kernel launches per step; "
+             "`gaps` = the CUDA graph's step time minus the kernels' time):", "",
+             "| ctx | full | batch | graph step ms | kernels ms | gaps ms | " + " | ".join(k for k, _ in KERNEL_KINDS)
+             + " | other |", "|---|---|---|---|---|---|" + "---|" * (len(KERNEL_KINDS) + 1)]
+    for p in profiles:
+        step = steps.get((p["context"], round(p["full_fraction"], 3), p["batch"]))
+        kinds = [k for k, _ in KERNEL_KINDS] + ["other (copies, indexing, sampling)"]
+        cells = [f"{p['by_kind'][k]['ms']:.3f} / {p['by_kind'][k]['launches']:.0f}" if k in p["by_kind"] else "-" for k in kinds]
+        gap = f"{step - p['kernel_ms']:.2f}" if step else "-"
+        lines.append(f"| {p['context'] // 1024}k | {p['full_fraction']:.0%} | {p['batch']} | {step or float('nan'):.2f} | "
+                     f"{p['kernel_ms']:.2f} | {gap} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _microbench_md(rows: list[dict]) -> str:
+    lines = ["Decode attention of one layer alone (`decode_layer`: append + attend + combine, in a CUDA graph over 4 "
+             "layers' buffers), ms against the copy-bandwidth floor of the bytes held:", "",
+             "| full + streaming KV heads | tokens | batch | floor ms | default ms | best ms (config) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        configs = {k: v for k, v in r.items() if k.startswith("{")}
+        best = min(configs, key=configs.get)
+        lines.append(f"| {r['n_full']} + {r['n_stream']} | {r['length']} | {r['batch']} | {r['floor_ms']:.4f} | "
+                     f"{configs['{}']:.4f} ({configs['{}'] / r['floor_ms']:.2f}x) | {configs[best]:.4f} "
+                     f"({configs[best] / r['floor_ms']:.2f}x) `{best}` |")
+    return "\n".join(lines)
+
+
+def _longest_md(found: list[dict], result: dict) -> str:
+    lines = [f"Longest context on this GPU ({result['device']}, {result.get('total_memory', 0) / GIB:.0f} GiB), batch 1, "
+             "chunked prefill (chunk 4096) + a decode step, found by doubling from 128k then bisection (16k steps), "
+             "out-of-memory caught:", ""]
+    for f in found:
+        lines.append(f"- {f['full_fraction']:.0%} full KV heads: {f['longest']:,} tokens fit ({f['longest'] / 1024:.0f}k), "
+                     f"{f['first_failure']:,} do not.")
+    return "\n".join(lines)
+
+
+def render_budgets(result: dict) -> str:
+    """The budget sweep, its verdicts, the check, the profile, the kernel microbenchmark and the longest context."""
+    a = result["args"]
+    md, notes = budget_table(result)
+    parts = [f"Device: {result['device']} (torch {result['torch']}, transformers {result['transformers']}), {result['date']}. "
+             f"Llama-3.1-8B shape, random bf16 weights ({result['weights_bytes'] / GIB:.2f} GiB); masks: `HeadMask.random` "
+             f"(seed 0) at each share of full KV heads, `HeadMask.all_full` at 100%, sink 64 + recent 256. Decode: "
+             f"{a['new_tokens']} timed steps after {a['warmup']} warm-up (median, CUDA events, CUDA graph), the cache filled by "
+             f"`synthetic_prefill` (random keys/values: same bytes, same kernels as after a real prefill); the prefill "
+             f"peak column comes from a real chunked prefill (chunk {a['chunk_size']}) at batch 1. HBM floor = (weights + KV "
+             f"held) / copy bandwidth {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write).", md,
+             "Targets (decode <= 1.15x floor at every row, never slower at a smaller budget, prefill peak <= KV + 2 GiB):\n"
+             + "\n".join(notes)]
+    if "check" in result:
+        parts.insert(1, _check_md(result["check"]))
+    if result.get("note"):  # where the result merges runs (see --readme-from)
+        parts.insert(1, result["note"])
+    if result.get("profile"):
+        steps = {(r["context"], round(r["full_fraction"], 3), r["batch"]): r["decode_ms"]
+                 for r in result.get("sweep", []) if not r.get("oom")}
+        parts.append(_profile_md(result["profile"], steps))
+    if result.get("microbench"):
+        parts.append(_microbench_md(result["microbench"]))
+    if result.get("longest"):
+        parts.append(_longest_md(result["longest"], result))
+    return "\n\n".join(parts)
+
+
+def _clean(row: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def write_readme(results: list[dict], command: str | None) -> str:
+    """Render results (several JSON files of one device, merged) into their analyses/README.md sections."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import write_section
+
+    texts = []
+    sharded = [r for r in results if "weights_bytes_by_device" in r]
+    if sharded:
+        text = render_sharded(sharded[0])
+        write_section("runtime_sharded", f"## Runtime on a model larger than one GPU\n\nCommand: `{command or sharded[0]['command']}`"
+                      f"\n\n{text}")
+        texts.append(text)
+    budgets = [r for r in results if "sweep" in r and "weights_bytes_by_device" not in r]
+    if budgets:
+        text = render_budgets(budgets[0])
+        write_section("runtime_budgets", f"## Runtime at every budget\n\nCommand: `{command or budgets[0]['command']}`\n\n{text}")
+        texts.append(text)
+    kinds = [r for r in results if r.get("rows")]
+    if kinds:
+        result = merged(kinds)
+        text = render_kinds(result)
+        write_section("runtime_benchmark", f"## Runtime benchmark\n\nCommand: `{command or result.get('command', '')}`\n\n{text}")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def run_stages(args, result: dict, save) -> None:
+    """Every stage the flags ask for, most wanted first, the JSON saved after each (a run cut short keeps what it
+    measured): sweep, profile, check, peak, kinds, microbench, longest."""
+    model = random_llama(llama_8b_config())
+    result.update(weights_bytes=weight_bytes(model), total_memory=torch.cuda.get_device_properties(0).total_memory)
+    log = lambda row: print(json.dumps(_clean(row), default=str), flush=True)  # noqa: E731
+    if args.sweep:
+        result["sweep"] = []
+        for context in args.contexts:
+            result["sweep"] += [_clean(r) for r in budget_sweep(model, [context], args.fractions, args.batches,
+                                                                steps=args.new_tokens, warmup=args.warmup, log=log)]
+            save()
+    if args.profile:
+        result["profile"] = [profile_step(model, budget_mask(model, f), c) for c in (8192, 131072) for f in (0.25, 1.0)]
+        for p in result["profile"]:
+            log(p)
+        save()
+    if args.check:
+        result["check"] = check()
+        print("check", json.dumps(result["check"]), flush=True)
+        save()
+        torch.cuda.empty_cache()
+    if args.peak:
+        result["peak"] = []
+        for context in args.contexts:
+            for fraction in args.fractions:
+                row = measure_one(model, budget_mask(model, fraction), "compressed", context, new_tokens=args.new_tokens,
+                                  warmup=args.warmup, chunk_size=args.chunk_size)
+                result["peak"].append(_clean(dict(row, full_fraction=fraction)))
+                log(result["peak"][-1])
+                save()
+    if args.kinds:
+        config = MaskConfig()
+        mask = HeadMask.random(info_of(model), config.full_fraction, seed=config.seed, sink=config.sink, recent=config.recent)
+        result.update(mask=repr(mask), rows=[])
+        for context in args.contexts:
+            df = measure(model, mask, contexts=[context], new_tokens=args.new_tokens, kinds=args.kinds, warmup=args.warmup,
+                         chunk_size=args.chunk_size)
+            result["rows"] += [_clean(r) for r in df.to_dict("records")]
+            print(df.to_string(index=False), flush=True)
+            save()
+    if args.microbench:
+        result["microbench"] = microbench(result["copy_bandwidth_Bps"])
+        save()
+    if args.longest:
+        result["longest"] = []
+        for fraction in args.longest:
+            result["longest"].append(longest_context(model, budget_mask(model, fraction), chunk_size=args.chunk_size, log=log))
+            save()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, nargs="?", help="JSON output path")
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=4096)
-    parser.add_argument("--kinds", nargs="+", default=["hf_full", "hf_static", "compressed"], choices=KINDS)
-    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--kinds", nargs="+", default=[], choices=KINDS, help="the --kinds table (50%% mask vs baselines)")
+    parser.add_argument("--sweep", action="store_true", help="the budget table")
+    parser.add_argument("--peak", action="store_true", help="a real prefill per context and budget at batch 1")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of a decode step")
+    parser.add_argument("--longest", type=float, nargs="*", default=None,
+                        help="longest context at these shares of full heads (no value: 0.25 and 1.0)")
+    parser.add_argument("--check", action="store_true", help="logits vs float32 references; exit 1 over the bf16 noise floor")
     parser.add_argument("--microbench", action="store_true")
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES), help="the random model's shape (--devices)")
+    parser.add_argument("--devices", type=int, default=1, help="split the model by layers over this many GPUs of the host")
+    parser.add_argument("--sharded-check", action="store_true", help="with --devices: one GPU vs sharded, logits and KV")
+    parser.add_argument("--dry-run", action="store_true", help="with --devices: build and run on the CPU, no numbers")
     parser.add_argument("--readme-from", type=Path, nargs="+", default=None,
-                        help="no run: render the JSON of earlier runs (merged) into analyses/README.md")
+                        help="no run: render the JSON of earlier runs into analyses/README.md")
     parser.add_argument("--command", default=None, help="the command line to state in the README section")
     args = parser.parse_args(argv)
     if args.readme_from is not None:
-        result = merged([json.loads(path.read_text()) for path in args.readme_from])
-        text = render(result)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from report import write_section
-
-        command = args.command or result.get("command", "")
-        write_section("runtime_benchmark", f"## Runtime benchmark\n\nCommand: `{command}`\n\n{text}")
-        print(text)
+        print(write_readme([json.loads(path.read_text()) for path in args.readme_from], args.command))
         return 0
-
+    if args.out is None:
+        parser.error("give the JSON output path (or --readme-from).")
+    if args.longest is not None and not args.longest:
+        args.longest = [0.25, 1.0]
+    if args.devices > 1 or args.dry_run:
+        return main_sharded(args, argv)
+    if args.shape != "llama-3.1-8b":
+        parser.error("--shape needs --devices (the one-GPU stages are the 8B shape's).")
     torch.backends.cuda.matmul.allow_tf32 = False
     device_name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     result = {"command": "python analyses/runtime_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
-              "copy_bandwidth_Bps": bw, "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.microbench:
-        result["microbench"] = microbench(bw)
-        print("microbench", result["microbench"], flush=True)
-    model = random_llama(llama_8b_config())
-    weights = weight_bytes(model)
-    config = MaskConfig()
-    mask = HeadMask.random(info_of(model), config.full_fraction, seed=config.seed, sink=config.sink, recent=config.recent)
-    result.update(weights_bytes=weights, mask=repr(mask))
-    if args.check:
-        result["check"] = check(model, mask)
-        print("check", json.dumps(result["check"]), flush=True)
+              "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": datetime.date.today().isoformat(), "copy_bandwidth_Bps": bw, "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result["rows"] = []
-    for context in args.contexts:  # the JSON is rewritten after each context, so a run cut short keeps what it measured
-        df = measure(model, mask, contexts=[context], new_tokens=args.new_tokens, kinds=args.kinds, warmup=args.warmup,
-                     chunk_size=args.chunk_size)
-        result["rows"] += [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                           for r in df.to_dict("records")]
-        print(df.to_string(index=False), flush=True)
+
+    def save() -> None:
         args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(render(result))
+
+    run_stages(args, result, save)
+    save()
+    if "sweep" in result:
+        print(render_budgets(result))
+    if result.get("rows"):
+        print(render_kinds(result))
+    if "check" in result and not result["check"]["passed"]:
+        print("CHECK FAILED: a runtime error exceeds the bf16 noise floor (see the check table).", flush=True)
+        return 1
     return 0
+
+
+def main_sharded(args, argv) -> int:
+    """`--devices N` / `--dry-run`: `run_sharded`, its JSON and its table."""
+    if args.kinds or args.peak or args.profile or args.longest or args.check or args.microbench:
+        raise SystemExit("With --devices > 1 only the decode rows (--contexts, --fractions, --batches) and --sharded-check run.")
+    if not args.dry_run and torch.cuda.device_count() < args.devices:
+        raise SystemExit(f"--devices {args.devices}: this host has {torch.cuda.device_count()} CUDA device(s).")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bandwidth = {} if args.dry_run else {d: copy_bandwidth(device=d) for d in _gpus(args.devices)}
+    names = sorted({torch.cuda.get_device_name(i) for i in range(args.devices)}) if not args.dry_run else ["cpu (dry run)"]
+    result = {"command": "python analyses/runtime_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": f"{args.devices} x {' / '.join(names)}", "torch": torch.__version__,
+              "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
+              "bandwidth_by_device": bandwidth, "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+
+    run_sharded(args, result, save)
+    save()
+    print(render_sharded(result))
+    return 0 if result.get("sharded_check", {}).get("passed", True) else 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,33 @@ class PromptTooLongError(ValueError):
     """A prompt does not fit in the model's context window."""
 
 
+class DoesNotFitError(ValueError):
+    """A request would need more memory than the device has free: refused before any work starts."""
+
+
+def free_bytes(device: str) -> int:
+    """Memory free for new tensors on `device`: CUDA's `mem_get_info` (plus what torch's allocator holds unused),
+    on the CPU the available RAM (/proc/meminfo's MemAvailable; elsewhere `psutil`'s, where installed)."""
+    if str(device).startswith("cuda"):
+        index = torch.device(device).index
+        free, _ = torch.cuda.mem_get_info(index)
+        return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # not Linux: psutil knows the platform's notion of available memory
+
+    return psutil.virtual_memory().available
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
 @dataclass
 class Lab:
     """A model ready for head analysis.
@@ -66,6 +93,14 @@ class Lab:
         return self.model.original_model
 
     @property
+    def placement(self) -> dict[str, list[int]]:
+        """Which decoder layers each device holds, `{"cuda:0": [0, ..., 39], "cuda:1": [40, ...]}` (one entry when the
+        model is on one device); `hf_model.hf_device_map` has accelerate's module-level map of a sharded load."""
+        from headlab import placement
+
+        return placement.layers_by_device(placement.layer_devices(self.hf_model))
+
+    @property
     def bos_token_id(self) -> int | None:
         return self.tokenizer.bos_token_id
 
@@ -75,6 +110,16 @@ class Lab:
             raise PromptTooLongError(
                 f"The {what} is {n_tokens} tokens, longer than {self.info.name}'s context of "
                 f"{self.info.n_ctx} tokens: shorten it (or use fewer/shorter samples)."
+            )
+
+    def require_memory(self, nbytes: int, what: str, fix: str) -> None:
+        """Raise `DoesNotFitError` when `nbytes` (an estimate of what `what` adds to peak memory) exceeds the device's
+        free memory; `fix` says which parameters to lower."""
+        free = free_bytes(self.device)
+        if nbytes > free:
+            raise DoesNotFitError(
+                f"{what} needs about {gib(nbytes)} on {self.device} beyond what is in use, but only {gib(free)} is free: "
+                f"{fix}, or use a device with more memory."
             )
 
     def to_tokens(self, text: str, prepend_bos: bool = True) -> torch.Tensor:

@@ -8,6 +8,10 @@ The embedded model is dequantized from the GGUF once and cached as a safetensors
 A model's own Python code (a config.json `auto_map`) never runs unless `load(..., trust_remote_code=True)` asks
 for it: every transformers call passes `trust_remote_code` explicitly, so nothing is ever asked on stdin. A local
 folder is keyed in the results store by a fingerprint of its resolved path and files (`folder_fingerprint`).
+
+A model larger than one GPU loads with `load(..., device_map="auto")` (or a dict, or `n_devices=N`): transformers and
+accelerate place its layers over the GPUs of this host (`headlab.placement` checks the map first and records it), and
+the bridge is booted on the dispatched model (TransformerLens reads `hf_device_map` for its `cfg.device`/`n_devices`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from headlab import placement
 from headlab.lab import Lab, ModelInfo
 
 EMBEDDED = "embedded"
@@ -169,7 +174,7 @@ def _default_device() -> str:
 
 
 def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | str | None = None, *,
-         trust_remote_code: bool = False) -> Lab:
+         trust_remote_code: bool = False, device_map=None, n_devices: int | None = None) -> Lab:
     """Load a model and wrap it in a TransformerBridge.
 
     Args:
@@ -181,10 +186,19 @@ def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.d
         dtype: torch dtype or its name ("float32", "bfloat16"); default float32.
         trust_remote_code: run the model's own Python code (a config.json `auto_map`). Off by default: such a
             model then fails at once with a `ModelLoadError`; turn it on only for code you have read and trust.
+        device_map: shard the model over the devices of this host, layer by layer, with transformers/accelerate:
+            "auto", "balanced", "balanced_low_0", "sequential", or a dict `{module name: device}` (e.g.
+            `placement.balanced_device_map`). Exclusive with `device`. Devices this machine lacks, disk or meta
+            offload, and maps mixing the CPU with GPUs are refused before loading (`ModelLoadError`).
+            `lab.placement` then says which layer is on which device; stored results are shared with the
+            single-device model (scores do not depend on the placement).
+        n_devices: shorthand for spreading the model over the first `n_devices` GPUs (TransformerLens'
+            `resolve_device_map`: accelerate's "balanced" with each GPU's free memory as its budget).
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars drown the CLI and notebook output
+    device_map, max_memory = _device_map(device, device_map, n_devices)
     device = device or _default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -196,14 +210,37 @@ def load(name_or_path: str = EMBEDDED, device: str | None = None, dtype: torch.d
         spec = Source(ensure_embedded_folder(), display_name, EMBEDDED_HF_NAME, local_only=True)
     else:
         adapter_dir, spec = None, _resolve(name_or_path, trust_remote_code)
-    hf_model, tokenizer = _load_transformers(spec, dtype, trust_remote_code)
+    hf_model, tokenizer = _load_transformers(spec, dtype, trust_remote_code, device_map=device_map, max_memory=max_memory)
     if adapter_dir is not None:
         hf_model = _merge_adapter(hf_model, adapter_dir)
-    hf_model = hf_model.to(device)  # boot_transformers leaves a model it is handed on the device it is on
+    if device_map is None:
+        hf_model = hf_model.to(device)  # boot_transformers leaves a model it is handed on the device it is on
+    else:  # accelerate placed the weights; the bridge derives cfg.device / n_devices from hf_device_map
+        hf_model = placement.dispatch(hf_model, device_map)
+        device = str(placement.input_device(hf_model))
     lab = _boot(spec.adapter_name, spec.display_name, hf_model, tokenizer, device, dtype,
                 fingerprint=spec.fingerprint, trust_remote_code=trust_remote_code)
     lab.load_seconds = time.perf_counter() - started
     return lab
+
+
+def _device_map(device: str | None, device_map, n_devices: int | None):
+    """`(device_map, max_memory)` for `from_pretrained`, checked before anything loads (`ModelLoadError`)."""
+    if device_map is None and n_devices is None:
+        return None, None
+    if device is not None:
+        raise ModelLoadError("Pass device or device_map / n_devices, not both: with a device_map accelerate places each "
+                             "module on its own device.")
+    if device_map is not None and n_devices is not None:
+        raise ModelLoadError("Pass device_map or n_devices, not both.")
+    try:
+        if n_devices is not None:
+            from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+            return resolve_device_map(int(n_devices), None, None)
+        return placement.check_device_map(device_map), None
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from err
 
 
 def _refusal_adapter_dir() -> Path:
@@ -290,16 +327,17 @@ def _refuse_custom_code_files(folder: Path) -> None:
         raise _custom_code_error(str(folder), f"its config.json (model type {config.get('model_type')!r})")
 
 
-def _load_transformers(spec: Source, dtype: torch.dtype, trust_remote_code: bool):
+def _load_transformers(spec: Source, dtype: torch.dtype, trust_remote_code: bool, device_map=None, max_memory=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     options = {"local_files_only": spec.local_only, "trust_remote_code": trust_remote_code}
+    placed = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
     try:
         with _never_prompt():
             AutoConfig.from_pretrained(spec.source, **options)  # a type transformers lacks fails here, running nothing
             tokenizer = AutoTokenizer.from_pretrained(spec.source, **options)
             hf_model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype, attn_implementation="eager",
-                                                            **options)
+                                                            **options, **placed)
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err) and not trust_remote_code:
             raise _custom_code_error(spec.display_name, "its config or tokenizer") from err
@@ -309,6 +347,13 @@ def _load_transformers(spec: Source, dtype: torch.dtype, trust_remote_code: bool
                 "Face cache, and huggingface.co cannot be reached (no network, or HF_HUB_OFFLINE is set). Load "
                 "'embedded', pass a local folder saved with save_pretrained, or run where the hub is reachable."
             ) from err
+        if device_map is not None and "offload" in str(err):  # "auto" found the GPUs too small and wanted the disk
+            raise ModelLoadError(f"Could not load '{spec.display_name}': it does not fit the GPUs and accelerate would "
+                                 f"offload it to disk, which headlab does not run; {placement.FIX}.") from err
+        raise ModelLoadError(f"Could not load '{spec.display_name}': {err}") from err
+    try:
+        placement.check_dispatched(hf_model)
+    except ValueError as err:
         raise ModelLoadError(f"Could not load '{spec.display_name}': {err}") from err
     hf_model.eval()
     return hf_model, tokenizer
@@ -354,5 +399,5 @@ def from_model(hf_model, tokenizer, name: str) -> Lab:
     """
     if not (name or "").strip():
         raise ValueError("Name the model: its stored results are kept under that name.")
-    param = next(hf_model.parameters())
-    return _boot(name, name, hf_model.eval(), tokenizer, str(param.device), param.dtype)
+    dtype = next(hf_model.parameters()).dtype
+    return _boot(name, name, hf_model.eval(), tokenizer, str(placement.input_device(hf_model)), dtype)

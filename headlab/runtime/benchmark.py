@@ -21,6 +21,13 @@ the mask must keep, for every kind, `HeadMask.ideal_kv_bytes`), `full_kv_bytes` 
 the cache bytes), `peak_above_weights`, `prefill_s`, `decode_ms` (per token: on CUDA the median
 of CUDA-event timings after warm-up, on the CPU `perf_counter`), `oom` (the prefill or decode ran
 out of memory; the other columns are then NaN).
+
+A model sharded over the GPUs of one host (`random_llama(..., device_map=...)`, e.g. the Llama-3.1-70B shape over
+two H200s): `decode_row` holds each layer's cache on its layer's GPU, reports `kv_bytes_by_device`, and times the
+uncaptured step with `perf_counter` after synchronising every GPU (CUDA events on one device would miss the others'
+work). Its HBM floors (`hbm_floors`): the bytes a step reads (weights + KV held) over the GPUs' summed bandwidth, a
+bound only pipelined or tensor-parallel execution could approach, and the sequential floor, each GPU's bytes over
+its own bandwidth summed, since the layers run one after another.
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from headlab import validate
+from headlab import placement, validate
+from headlab.lab import free_bytes
 from headlab.masks import MIB, HeadMask
 from headlab.runtime.model import CompressedLM
 from headlab.runtime.weights import model_modules
@@ -43,25 +51,40 @@ DEFAULT_KINDS = ("hf_full", "compressed")
 GRAPH_WARMUP_STEPS = 2  # hf_static: decode steps run before its CUDA graph is captured
 
 
-def llama_8b_config(**overrides):
-    """A `LlamaConfig` of the Llama-3.1-8B shape (plain RoPE at theta 500000; no weights)."""
+LLAMA_31 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, head_dim=128,
+                num_key_value_heads=8, tie_word_embeddings=False, attn_implementation="sdpa")
+SHAPES = {  # Llama 3.1 shapes (plain RoPE at theta 500000); "tiny": a few MB, for dry runs on the CPU
+    "llama-3.1-8b": dict(LLAMA_31, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "llama-3.1-70b": dict(LLAMA_31, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+    "tiny": dict(LLAMA_31, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32),
+}
+
+
+def llama_config(shape: str = "llama-3.1-8b", **overrides):
+    """A `LlamaConfig` of one of `SHAPES` (no weights)."""
     from transformers import LlamaConfig
 
-    params = dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    params.update(overrides)
-    return LlamaConfig(**params)
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}.")
+    return LlamaConfig(**dict(SHAPES[shape], **overrides))
 
 
-def random_llama(config=None, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """A `LlamaForCausalLM` with random weights built directly on `device` in `dtype` (eval mode)."""
+def llama_8b_config(**overrides):
+    """A `LlamaConfig` of the Llama-3.1-8B shape (plain RoPE at theta 500000; no weights)."""
+    return llama_config("llama-3.1-8b", **overrides)
+
+
+def random_llama(config=None, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, device_map=None):
+    """A `LlamaForCausalLM` with random weights built directly on `device` in `dtype` (eval mode); with `device_map`
+    (`{module name: device}`, e.g. `placement.balanced_device_map`) each weight is drawn on its module's device and the
+    model is dispatched with accelerate, so a model larger than one GPU never exists whole on one device."""
     from transformers import LlamaForCausalLM
 
     config = config or llama_8b_config()
     torch.manual_seed(seed)
+    if device_map is not None:
+        return _random_sharded(config, device_map, dtype, seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -70,6 +93,47 @@ def random_llama(config=None, device: str = "cuda", dtype: torch.dtype = torch.b
     finally:
         torch.set_default_dtype(previous)
     return model.to(dtype).eval()
+
+
+def _random_sharded(config, device_map: dict, dtype: torch.dtype, seed: int):
+    """`random_llama` over `device_map`: built on the meta device (accelerate's `init_empty_weights`; buffers such as
+    the rotary frequencies stay real), each weight drawn on its device as Llama's own init does (norms 1, the rest
+    normal with `initializer_range`), then `dispatch_model` moves the buffers and adds accelerate's hooks."""
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlamaForCausalLM
+    from transformers.integrations.accelerate import expand_device_map
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    names = [name for name, _ in model.named_parameters()]
+    where = expand_device_map(device_map, names)
+    generators: dict[str, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        device = torch.device(f"cuda:{where[name]}" if isinstance(where[name], int) else where[name])
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        if "norm" in name:
+            value.fill_(1.0)
+        else:
+            generator = generators.setdefault(str(device), torch.Generator(device=device).manual_seed(seed))
+            value.normal_(0.0, config.initializer_range, generator=generator)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)  # else cast to the meta dtype
+    return dispatch_model(model, device_map=device_map, force_hooks=True).eval()
+
+
+def weight_bytes_by_device(hf_model) -> dict[str, int]:
+    """Parameter bytes per device `{"cuda:0": bytes, ...}` (a tied weight once)."""
+    params = list(hf_model.parameters())
+    return placement.by_device([p.device for p in params], [p.numel() * p.element_size() for p in params])
+
+
+def hbm_floors(bytes_by_device: dict[str, int], bandwidth_by_device: dict[str, float]) -> tuple[float, float]:
+    """`(together_ms, sequential_ms)`: a decode step's HBM floor when each device reads `bytes_by_device` (weights + KV
+    it holds) at its `bandwidth_by_device` (bytes/s): all bytes over the summed bandwidth (the GPUs reading at once),
+    and each device's bytes over its own bandwidth, summed (the layers run one after another, as here)."""
+    together = sum(bytes_by_device.values()) / sum(bandwidth_by_device[d] for d in bytes_by_device)
+    sequential = sum(nbytes / bandwidth_by_device[d] for d, nbytes in bytes_by_device.items())
+    return together * 1e3, sequential * 1e3
 
 
 def info_of(model) -> SimpleNamespace:
@@ -84,21 +148,22 @@ def weight_bytes(hf_model) -> int:
     return sum(p.numel() * p.element_size() for p in hf_model.parameters())
 
 
-def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of `repeats`."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
+def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth of one GPU in bytes/s (bytes read + bytes written), median of `repeats`."""
+    with torch.cuda.device(torch.device(device)):
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        times = []
+        for i in range(repeats + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end) / 1e3)
+        del src, dst
+        torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(times)
 
 
@@ -271,7 +336,7 @@ KINDS = tuple(RUNNERS)
 def measure_one(model, mask: HeadMask, kind: str, context: int, *, new_tokens: int = 32, warmup: int = 4,
                 chunk_size: int = 4096, seed: int = 0, cuda_graph: bool = True, attention: str = "sdpa") -> dict:
     """One row: prefill `context` random tokens with cache `kind`, then `warmup + new_tokens` greedy steps."""
-    hf_model = model.hf_model if hasattr(model, "hf_model") and hasattr(model, "info") else model
+    hf_model = _hf(model)
     m = model_modules(hf_model)
     device = m.device
     vocab = m.embed.weight.shape[0]
@@ -340,3 +405,196 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
         "held / ideal": table["kv_ratio"].round(3), "prefill s": table["prefill_s"].round(2),
         "decode ms/token": table["decode_ms"].round(1),
     })
+
+
+# --- budgets: decode against the HBM floor at every budget, context and batch (CUDA) -------------------------------
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # shares of KV heads kept full; 1.0 = the whole cache through the same kernels
+BATCHES = (1, 4, 16)
+
+
+def _hf(model):
+    """The transformers model of a Lab, or `model` itself."""
+    return model.hf_model if hasattr(model, "hf_model") and hasattr(model, "info") else model
+
+
+def budget_mask(model, full_fraction: float, sink: int = 64, recent: int = 256, seed: int = 0) -> HeadMask:
+    """`full_fraction` of the KV heads full, drawn at random (seeded), or `HeadMask.all_full` at 1.0."""
+    info = info_of(model)
+    if full_fraction >= 1.0:
+        return HeadMask.all_full(info, sink=sink, recent=recent)
+    return HeadMask.random(info, full_fraction, seed=seed, sink=sink, recent=recent)
+
+
+def synthetic_prefill(rt: CompressedLM, batch: int, context: int, seed: int = 0) -> None:
+    """Give `rt` a "sdpa" cache of `batch` sequences holding `context` positions as a prefill of `context` tokens leaves
+    it (full heads: slots `[0, context)`; each ring: the sink and the last `recent` positions), with random unit-normal
+    keys and values instead of the model's, and without running the prefill. A decode step reads the same bytes and
+    runs the same kernels whatever the values, so its time is the real one; a 16 x 128k prefill would take minutes."""
+    cache = rt.new_cache(batch, rt.max_length or context + 1)
+    cache.check_room(context)
+    generators: dict[torch.device, torch.Generator] = {}  # one per device (a sharded model's layers)
+    for layer in cache.layers:
+        for buffer in (layer.full_kv, layer.stream_kv):
+            if buffer.numel():
+                if buffer.device not in generators:
+                    generators[buffer.device] = torch.Generator(device=buffer.device).manual_seed(seed)
+                buffer.normal_(generator=generators[buffer.device])
+    cache.hold(context)
+    rt.reset()
+    rt.cache = cache
+
+
+def _fits(nbytes_by_device: dict[str, int], margin: int = 1 << 30) -> bool:
+    return all(nbytes + margin <= free_bytes(device) for device, nbytes in nbytes_by_device.items())
+
+
+def _synced(devices: list[torch.device], out):
+    """`out`, once every CUDA device in `devices` has finished its work."""
+    for device in {d for d in devices if d.type == "cuda"}:
+        torch.cuda.synchronize(device)
+    return out
+
+
+def decode_row(model, mask: HeadMask, context: int, batch: int, *, steps: int = 32, warmup: int = 4, seed: int = 0) -> dict:
+    """One row of the budget table: the decode step (CUDA graph on one GPU) of `batch` sequences at `context` tokens
+    after a `synthetic_prefill`; `decode_ms` is the median of `steps` timings after `warmup` (capture included): CUDA
+    events on one GPU, `perf_counter` around a synchronised step on a sharded model. `kv_bytes_by_device` and
+    `ideal_kv_bytes_by_device` say what each device holds and must hold."""
+    hf_model = _hf(model)
+    m = model_modules(hf_model)
+    max_length = context + warmup + steps + 1
+    dtype_bytes, devices = m.embed.weight.element_size(), placement.layer_devices(hf_model)
+    row = dict(context=context, full_fraction=mask.full_fraction, batch=batch,
+               ideal_kv_bytes=mask.ideal_kv_bytes(max_length, dtype_bytes, m.d_head, batch),
+               ideal_kv_bytes_by_device=placement.ideal_kv_bytes_by_device(mask, devices, max_length, dtype_bytes, m.d_head, batch))
+    if not _fits(row["ideal_kv_bytes_by_device"]):
+        return dict(row, oom=True)
+    rt = CompressedLM(model, mask, max_length=max_length, attention="sdpa")
+    try:
+        synthetic_prefill(rt, batch, context, seed)
+        token = torch.randint(0, m.embed.weight.shape[0], (batch, 1), generator=torch.Generator().manual_seed(seed)).to(m.device)
+        timer = _Timer(torch.device("cpu") if rt.sharded else m.device)
+        for _ in range(warmup + steps):  # the step's time does not depend on the token fed
+            timer.step(lambda: _synced(rt.devices, rt.forward(token)) if rt.sharded else rt.forward(token))
+        row.update(decode_ms=timer.median(skip=warmup), kv_bytes=rt.kv_bytes(), kv_bytes_by_device=rt.kv_bytes_by_device(),
+                   oom=False)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        rt.reset()
+        del rt
+        torch.cuda.empty_cache()
+    return row
+
+
+def budget_sweep(model, contexts, fractions=FRACTIONS, batches=BATCHES, *, steps: int = 32, warmup: int = 4,
+                 sink: int = 64, recent: int = 256, seed: int = 0, log: Callable[[dict], None] | None = None) -> list[dict]:
+    """`decode_row` for every context, budget and batch size (rows the GPU cannot hold come back with `oom`)."""
+    rows = []
+    for context in contexts:
+        for fraction in fractions:
+            mask = budget_mask(model, fraction, sink, recent, seed)
+            for batch in batches:
+                rows.append(decode_row(model, mask, int(context), int(batch), steps=steps, warmup=warmup, seed=seed))
+                if log is not None:
+                    log(rows[-1])
+    return rows
+
+
+# --- where a decode step's time goes (torch.profiler) and the longest context that fits (CUDA) ----------------------
+
+KERNEL_KINDS = (("attention: Triton split-KV partials", ("_partial_kernel",)), ("attention: combine", ("_combine_kernel",)),
+                ("fused elementwise (torch.compile)", ("triton_",)),
+                ("matrix products (cuBLAS)", ("gemv", "gemm", "nvjet", "cutlass", "sm90", "sm80", "cublas", "splitk")))
+
+
+def kernel_kind(name: str) -> str:
+    """The row of `profile_step`'s summary a kernel `name` counts in (the first kind whose pattern it contains)."""
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p.lower() in lowered for p in patterns):
+            return kind
+    return "other (copies, indexing, sampling)"
+
+
+def profile_step(model, mask: HeadMask, context: int, batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    """GPU time of one decode step by kernel kind: torch.profiler over `steps` uncaptured steps after a
+    `synthetic_prefill` (the CUDA graph replays the same kernels; the graph's step time minus `kernel_ms` is the
+    time between kernels). `by_kind`: per step, milliseconds and kernel launches; `top`: the 12 costliest kernels."""
+    m = model_modules(_hf(model))
+    rt = CompressedLM(model, mask, max_length=context + steps + 8, attention="sdpa", cuda_graph=False)
+    synthetic_prefill(rt, batch, context, seed)
+    token = torch.randint(0, m.embed.weight.shape[0], (batch, 1), generator=torch.Generator().manual_seed(seed)).to(m.device)
+    for _ in range(3):  # compile and warm up
+        rt.forward(token)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            rt.forward(token)
+        torch.cuda.synchronize()
+    rt.reset()
+    del rt
+    torch.cuda.empty_cache()
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels.append((event.key, us / 1e3 / steps, event.count / steps))
+    by_kind: dict[str, dict] = {}
+    for name, ms, count in kernels:
+        entry = by_kind.setdefault(kernel_kind(name), {"ms": 0.0, "launches": 0.0})
+        entry["ms"] += ms
+        entry["launches"] += count
+    top = sorted(kernels, key=lambda k: -k[1])[:12]
+    return {"context": context, "full_fraction": mask.full_fraction, "batch": batch, "steps": steps,
+            "kernel_ms": sum(k[1] for k in kernels), "launches": sum(k[2] for k in kernels), "by_kind": by_kind,
+            "top": [{"kernel": name[:90], "ms": ms, "launches": count} for name, ms, count in top]}
+
+
+def prefill_and_decode_fit(model, mask: HeadMask, context: int, chunk_size: int = 4096, seed: int = 0) -> dict:
+    """Whether a cache of `context` tokens, its last prefill chunk and a (captured) decode step fit on the GPU.
+
+    The cache is allocated for `context + 1` tokens and holds `context - chunk_size` (`synthetic_prefill`); the last
+    chunk then runs for real, attending to every position before it (flash attention: its memory does not grow with
+    the context), then one decode step. Every earlier chunk needs no more memory than the last, so this is the
+    prefill's peak without the hours a multi-million-token prefill takes. Returns `fits` and `peak_bytes`."""
+    m = model_modules(_hf(model))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rt = CompressedLM(model, mask, chunk_size=chunk_size, max_length=context + 1, attention="sdpa")
+    vocab = m.embed.weight.shape[0]
+    try:
+        synthetic_prefill(rt, 1, context - chunk_size, seed)
+        rt.forward(torch.randint(0, vocab, (1, chunk_size), device=m.device), all_logits=False)
+        rt.forward(torch.randint(0, vocab, (1, 1), device=m.device))
+        torch.cuda.synchronize()
+        return {"context": context, "fits": True, "peak_bytes": torch.cuda.max_memory_allocated()}
+    except torch.OutOfMemoryError:
+        return {"context": context, "fits": False, "peak_bytes": None}
+    finally:
+        rt.reset()
+        del rt
+        torch.cuda.empty_cache()
+
+
+def longest_context(model, mask: HeadMask, *, start: int = 131072, resolution: int = 16384, chunk_size: int = 4096,
+                    log: Callable[[dict], None] | None = None) -> dict:
+    """The longest context (a multiple of `resolution`) that `prefill_and_decode_fit`: doubling from `start` until a
+    context does not fit, then bisection. Returns `longest`, `first_failure` and every probe."""
+    probes = []
+
+    def fits(context: int) -> bool:
+        probes.append(prefill_and_decode_fit(model, mask, context, chunk_size))
+        if log is not None:
+            log(probes[-1])
+        return probes[-1]["fits"]
+
+    low, high = 0, start
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > resolution:
+        middle = (low + high) // 2 // resolution * resolution
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return {"full_fraction": mask.full_fraction, "longest": low, "first_failure": high, "chunk_size": chunk_size,
+            "probes": probes}

@@ -1,56 +1,57 @@
 """Fused elementwise pieces of the CUDA decode step (torch.compile), to cut the step's kernel count.
 
 A decode step at batch 1 is ~60 small kernels per layer besides the matrix products; in a CUDA
-graph each still costs a microsecond or two. These functions compute what the Llama modules do
-(RMSNorm with a float32 variance, RoPE and the split into full / streaming heads, their merge,
-the residual add folded into the next norm, SiLU * up) in one kernel each. Used only on CUDA in the
-"sdpa" path's decode step (`CompressedLM(fuse=True)`); the CPU path calls the modules themselves.
+graph each still costs a microsecond or two. These functions compute what the family's modules do
+(its norm with the family's convention, `weights.NORM_KINDS`: Llama's RMSNorm `w * x.to(dtype)`,
+Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerNorm; RoPE on q and
+k; the residual add folded into the next norm; SiLU * up) in one kernel each; the attention of all
+KV heads is one Triton launch (`decode_kernel`). `FusedOps` hands them to the runtime's one layer
+function (`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA
+in the "sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the
+CPU against the modules.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from headlab.runtime.attention import apply_rotary
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    if kind == "rms":
+        return weight * h.to(x.dtype)
+    if kind == "rms_1p":
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return (weight * h).to(x.dtype)  # "rms_f32"
 
 
-def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+def _add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str):
     x = x + delta
-    return x, _rms_norm(x, weight, eps)
+    return x, _norm(x, weight, bias, eps, kind)
 
 
-def _rotary_split(q, k, v, cos, sin, full_q, full_kv, stream_q, stream_kv):
-    """RoPE on `q`/`k`, then each split into its full-head and streaming-head parts (one fused kernel or two):
-    `(q_full, kv_full, q_stream, kv_stream)`, keys and values stacked `[2, batch, n, 1, d]` as the cache stores them."""
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    return (q.index_select(1, full_q), torch.stack([k.index_select(1, full_kv), v.index_select(1, full_kv)]),
-            q.index_select(1, stream_q), torch.stack([k.index_select(1, stream_kv), v.index_select(1, stream_kv)]))
-
-
-def _merge_heads(out_full: torch.Tensor, out_stream: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Full and streaming heads' outputs `[batch, n, 1, d]` -> `[batch, 1, n_heads * d]` in query-head order (o_proj's input)."""
-    out = torch.cat([out_full, out_stream], dim=1).index_select(1, index)
-    return out.transpose(1, 2).reshape(out.shape[0], 1, -1)
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on `q` `[batch, n_heads, 1, d]` and `k` `[batch, n_kv, 1, d]` in one kernel."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up
+    return F.silu(gate) * up
 
 
-FUNCTIONS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rotary_split": _rotary_split,
-             "merge_heads": _merge_heads, "silu_mul": _silu_mul}
+FUNCTIONS = {"norm": _norm, "add_norm": _add_norm, "rotary": _rotary, "silu_mul": _silu_mul}
 
 
 @functools.cache
 def compiled(name: str):
-    # One graph per distinct head split (how many KV heads of a layer are full): allow that many recompiles.
+    # One graph per distinct input shape (batch size, norm width): allow that many recompiles.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -58,8 +59,74 @@ def compiled(name: str):
 
 
 def is_silu(act) -> bool:
-    return type(act).__name__ in ("SiLU", "SiLUActivation") or act is torch.nn.functional.silu
+    return type(act).__name__ in ("SiLU", "SiLUActivation") or act is F.silu
 
 
 def norm_eps(module) -> float:
-    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or 1e-6)
+    for name in ("variance_epsilon", "eps"):
+        if getattr(module, name, None) is not None:
+            return float(getattr(module, name))
+    return 1e-6
+
+
+class ModuleOps:
+    """The family's own modules: the CPU path and every prefill."""
+
+    fused = False
+
+    @staticmethod
+    def norm(module, x: torch.Tensor) -> torch.Tensor:
+        return x if module is None else module(x)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, module) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x + delta` (delta None: x) and its norm (module None: itself)."""
+        if delta is not None:
+            x = x + delta
+        return x, self.norm(module, x)
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    @staticmethod
+    def mlp(layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.mlp(h)
+
+
+class FusedOps(ModuleOps):
+    """The compiled functions of this module in place of the norms, RoPE and the gated MLP's activation (CUDA decode
+    step); `kind` is the family's `norm_kind`."""
+
+    fused = True
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        if module is None:
+            return x
+        return compiled("norm")(x, module.weight, getattr(module, "bias", None), norm_eps(module), self.kind)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, module) -> tuple[torch.Tensor, torch.Tensor]:
+        if delta is None or module is None:
+            return super().add_norm(x, delta, module)
+        return compiled("add_norm")(x, delta, module.weight, getattr(module, "bias", None), norm_eps(module), self.kind)
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return compiled("rotary")(q, k, cos, sin)
+
+    @staticmethod
+    def mlp(layer, h: torch.Tensor) -> torch.Tensor:
+        """A gated MLP from one packed gate/up product (or the family's fused `gate_up_proj`); others as the module."""
+        packed = layer.packed
+        if packed is not None and packed.gate_up is not None:
+            gate, up = F.linear(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+        elif len(layer.gate_up) == 1:
+            gate, up = layer.gate_up[0](h).chunk(2, dim=-1)
+        elif len(layer.gate_up) == 2:
+            gate, up = layer.gate_up[0](h), layer.gate_up[1](h)
+        else:
+            return layer.mlp(h)
+        act = compiled("silu_mul") if is_silu(layer.act) else (lambda g, u: layer.act(g) * u)
+        return layer.down(act(gate, up))

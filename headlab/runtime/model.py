@@ -1,59 +1,74 @@
-"""`CompressedLM`: greedy generation and logits with a compressed KV cache, on the Lab's HF weights.
+"""`CompressedLM`: greedy generation and logits with a compressed KV cache, on the model's own transformers modules.
 
-The forward pass is Llama's, written out so attention can read the compressed cache: per layer,
-full KV heads (with their query heads) attend over every past token, streaming KV heads over the
-first `sink` and last `recent` tokens only. Prefill runs in chunks of `chunk_size` tokens, so a
-streaming head never holds more than `sink + recent` tokens (plus the chunk being processed);
-decode is a chunk of one token written into preallocated pages.
+One forward pass for every supported family (`weights.FAMILIES`): `layer_forward` wires a layer's
+own modules (norms, q/k/v projections and q/k norms, rotary embedding, MLP) the way its family's
+table row says (pre-norm, norms around the outputs, parallel residual), and only attention is the
+runtime's: full KV heads (with their query heads) attend over every past token, streaming KV heads
+over the first `sink` and last `recent` tokens only (a model's own sliding-window layers stream
+with `sink=0, recent=sliding_window`: `cache.layer_layout`). Prefill runs in chunks of
+`chunk_size` tokens, so a streaming head never holds more than `sink + recent` tokens (plus the
+chunk being processed); decode is a chunk of one token written into preallocated pages.
 
 Two attention paths, one model: `attention="eager"` (the default on the CPU) uses the paged cache
 of `headlab.runtime.cache` and the segmented eager attention, exact against the references;
 `attention="sdpa"` (the default on CUDA) uses `headlab.runtime.static`: buffers preallocated for
 `max_length` tokens, SDPA prefill, and a static-shape decode step that is captured in a CUDA graph
-on CUDA (`cuda_graph=True`) and replayed for every later token.
+on CUDA (`cuda_graph=True`) and replayed for every later token. The decode step may run the
+norms, RoPE and activation as fused kernels (`fused.FusedOps`) through the same `layer_forward`.
+
+A model sharded over several devices (`hl.load(..., device_map=...)`, `headlab.placement`) runs layer by layer:
+each layer's KV cache is allocated on that layer's device, the hidden state (and the rotary tables) move to the
+next layer's device between layers, and the logits come out on the lm_head's device. `kv_bytes_by_device` says
+what each device holds. The decode step is then not captured in a CUDA graph (see `CompressedLM`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
+from headlab import placement
 from headlab.masks import HeadMask
 from headlab.runtime import fused
-from headlab.runtime.attention import apply_rotary, segmented_attention
-from headlab.runtime.cache import CompressedCache
+from headlab.runtime.attention import cached_attention
+from headlab.runtime.cache import CompressedCache, HeadGroups, layer_layout
 from headlab.runtime.static import ChunkPlan, StaticCache
 from headlab.runtime.weights import LayerModules, ModelModules, model_modules, pack_layer
 
 
-@dataclass(frozen=True)
-class HeadGroups:
-    """One layer's KV heads split by the mask, and the query heads that read each part (GQA order)."""
+def layer_forward(layer: LayerModules, x: torch.Tensor, delta: torch.Tensor | None, attend, ops: fused.ModuleOps,
+                  parallel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of any family. Its input is `x + delta` `[batch, t, d_model]` (`delta` the previous layer's
+    last output, None for the first layer: the add is left to the next norm so the fused path folds it in);
+    `attend(h)` -> the attention heads' output before `o_proj` `[batch, t, n_heads * d_head]`. Returns `(x, delta)`."""
+    input_norm, attn_out_norm, mlp_norm, mlp_out_norm = layer.norms
+    x, h = ops.add_norm(x, delta, input_norm)
+    a = ops.norm(attn_out_norm, layer.o_proj(attend(h)))
+    if parallel:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+        return x, ops.mlp(layer, ops.norm(mlp_norm, x)) + a
+    x, h = ops.add_norm(x, a, mlp_norm)
+    return x, ops.norm(mlp_out_norm, ops.mlp(layer, h))
 
-    full_kv: torch.Tensor  # [n_full] KV-head indices
-    full_q: torch.Tensor  # [n_full * group] query-head indices, KV head by KV head
-    stream_kv: torch.Tensor
-    stream_q: torch.Tensor
 
-    @classmethod
-    def of(cls, full: torch.Tensor, group: int) -> "HeadGroups":
-        full_kv, stream_kv = torch.nonzero(full).flatten(), torch.nonzero(~full).flatten()
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return x if x is None else x.to(device)
 
-        def queries(kv: torch.Tensor) -> torch.Tensor:
-            return (kv[:, None] * group + torch.arange(group)[None, :]).flatten()
 
-        return cls(full_kv, queries(full_kv), stream_kv, queries(stream_kv))
+def _on(device: torch.device, sharded: bool):
+    """On a sharded model, make `device` current while a layer runs on it: Triton (the decode kernel) launches on the
+    current CUDA device. (One device: nothing to switch, and nothing extra in a captured step.)"""
+    return torch.cuda.device(device) if sharded and device.type == "cuda" else contextlib.nullcontext()
 
 
 class CompressedLM:
     """A causal LM whose KV cache follows a `HeadMask`.
 
     Args:
-        model: a `Lab` (its `hf_model` and tokenizer are used, never its hooks) or a Llama-style
-            transformers `*ForCausalLM`.
-        mask: the `HeadMask`; checked against the model.
+        model: a `Lab` (its `hf_model` and tokenizer are used, never its hooks) or a transformers
+            `*ForCausalLM` of a supported family (`headlab.runtime.weights.FAMILIES`).
+        mask: the `HeadMask`; checked against the model. In a model's sliding-window layers every
+            head streams with the layer's own window (`sink=0, recent=sliding_window`) whatever the mask says.
         tokenizer: needed only to generate from text when `model` is not a Lab.
         chunk_size: prefill chunk length (tokens).
         page_size: cache page length (tokens) of the eager path; memory grows one page at a time.
@@ -61,19 +76,25 @@ class CompressedLM:
             SDPA prefill, static decode step); default "sdpa" on CUDA, "eager" elsewhere.
         max_length: tokens the "sdpa" cache is allocated for (prompt + new tokens); None = the
             first call's length (`generate` adds `max_new_tokens`).
-        cuda_graph: on CUDA with "sdpa", capture the decode step in a CUDA graph.
+        cuda_graph: on CUDA with "sdpa", capture the decode step in a CUDA graph (not with a rotary
+            embedding that adapts to the length seen, dynamic NTK or LongRoPE: it reads positions on the host;
+            not on a model sharded over several devices: one graph is captured on one device's stream, while a
+            sharded step hands the hidden state from device to device, so the step runs uncaptured there).
         fuse: on CUDA with "sdpa", run the decode step's norms, RoPE and residual adds as
             torch.compile'd fused kernels (`headlab.runtime.fused`); default True on CUDA.
         pack: with `fuse`, run each layer's q/k/v and gate/up projections as one matrix product each
             (`weights.pack_layer`: the model's weights are repacked in place, same values, no extra
             memory; a packed model can't be `save_pretrained` as is). Default: `fuse` on CUDA.
+        compensate: RazorAttention's compensation token: each streaming head of the mask also attends to
+            one token holding the mean of the keys and values it evicted (`cache` module; not in a model's
+            own sliding-window layers).
     """
 
     ATTENTIONS = ("eager", "sdpa")
 
     def __init__(self, model, mask: HeadMask, *, tokenizer=None, chunk_size: int = 256, page_size: int = 256,
                  attention: str | None = None, max_length: int | None = None, cuda_graph: bool = True,
-                 fuse: bool | None = None, pack: bool | None = None) -> None:
+                 fuse: bool | None = None, pack: bool | None = None, compensate: bool = False) -> None:
         self.lab = model if hasattr(model, "hf_model") and hasattr(model, "info") else None
         hf_model = self.lab.hf_model if self.lab is not None else model
         self.tokenizer = tokenizer or (self.lab.tokenizer if self.lab is not None else None)
@@ -84,22 +105,25 @@ class CompressedLM:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, not {chunk_size}.")
         self.mask, self.chunk_size, self.page_size = mask, int(chunk_size), int(page_size)
+        self.layout = layer_layout(mask, m.sliding_windows, bool(compensate))
         self.group = m.n_heads // m.n_kv_heads
-        self.heads = [HeadGroups.of(mask.full[layer], self.group) for layer in range(m.n_layers)]
+        self.devices = placement.layer_devices(hf_model)  # [n_layers]: where each layer's weights and cache live
+        if len(self.devices) != m.n_layers:
+            raise ValueError(f"Found {len(self.devices)} decoder layers by class but {m.n_layers} by the family table.")
+        self.sharded = len(set(self.devices)) > 1
+        # The head indices on each layer's device, once (a host-to-device copy cannot be graph-captured).
+        self.heads = [HeadGroups.of(full, self.group).to(device) for (full, _), device in zip(self.layout, self.devices)]
         self.eos_token_id = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         attention = attention or ("sdpa" if m.device.type == "cuda" else "eager")
         if attention not in self.ATTENTIONS:
             raise ValueError(f"attention must be one of {self.ATTENTIONS}, not {attention!r}.")
         self.attention, self.max_length = attention, max_length
-        self.cuda_graph = bool(cuda_graph) and m.device.type == "cuda"
+        self.cuda_graph = bool(cuda_graph) and m.device.type == "cuda" and not m.rope_reads_length and not self.sharded
         self.fuse = (m.device.type == "cuda" if fuse is None else bool(fuse)) and attention == "sdpa"
         pack = (self.fuse and m.device.type == "cuda") if pack is None else bool(pack) and self.fuse
-        self.packed = [pack_layer(layer) if pack else None for layer in m.layers]
-        # The head indices on the model's device, once (a host-to-device copy cannot be graph-captured).
-        self.heads_on_device = [HeadGroups(*(t.to(m.device) for t in (h.full_kv, h.full_q, h.stream_kv, h.stream_q)))
-                                for h in self.heads]
-        # where each query head's output sits in cat(full heads' outputs, streaming heads' outputs)
-        self.merge_index = [torch.argsort(torch.cat([h.full_q, h.stream_q])).to(m.device) for h in self.heads]
+        for layer in m.layers:
+            layer.packed = pack_layer(layer) if pack else None
+        self.decode_ops = fused.FusedOps(m.family.norm_kind) if self.fuse else fused.ModuleOps()
         self.cache: CompressedCache | StaticCache | None = None
         self._graph = None  # (CUDAGraph, static tokens [batch, 1], static logits [batch, 1, vocab])
 
@@ -116,8 +140,13 @@ class CompressedLM:
         self._graph = None
 
     def kv_bytes(self) -> int:
-        """Bytes held by the cache's key and value tensors right now."""
+        """Bytes held by the cache's key and value tensors right now (and the compensation sums)."""
         return self.cache.nbytes() if self.cache is not None else 0
+
+    def kv_bytes_by_device(self) -> dict[str, int]:
+        """`kv_bytes` per device, `{"cuda:0": bytes, ...}`: each layer's cache counts on its layer's device."""
+        per_layer = [layer.nbytes() for layer in self.cache.layers] if self.cache is not None else [0] * len(self.devices)
+        return placement.by_device(self.devices, per_layer)
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -143,21 +172,46 @@ class CompressedLM:
             last = start + self.chunk_size >= tokens.shape[1]
             hidden = self._chunk(chunk)
             if all_logits:
-                outputs.append(m.lm_head(hidden))
+                outputs.append(self._logits(hidden))
             elif last:
-                outputs.append(m.lm_head(hidden[:, -1:]))
+                outputs.append(self._logits(hidden[:, -1:]))
         return torch.cat(outputs, dim=1)
 
     def new_cache(self, batch: int, max_length: int) -> CompressedCache | StaticCache:
         m = self.modules
         if self.attention == "sdpa":
-            return StaticCache(self.mask, batch, m.d_head, max_length, m.dtype, m.device)
-        return CompressedCache(self.mask, batch, m.d_head, self.page_size, m.dtype, m.device)
+            return StaticCache(self.layout, batch, m.d_head, max_length, m.dtype, m.device, layer_devices=self.devices)
+        return CompressedCache(self.layout, self.group, batch, m.d_head, self.page_size, m.dtype, self.devices)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prefill `tokens` `[batch, pos]` from an empty cache; logits `[batch, pos, vocab]` at every position."""
         self.reset()
         return self.forward(tokens)
+
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, where, ops: fused.ModuleOps) -> torch.Tensor:
+        """Every layer on the embedded `hidden` `[batch, t, d_model]` at `positions` `[t]` (on the device); returns the
+        final-norm hidden state. `where`: the cache position (eager path), a `ChunkPlan` or the decode step's slots."""
+        m = self.modules
+        tables = {hidden.device: m.rotary_tables(hidden, positions)}
+        x, delta = hidden, None
+        for index, layer in enumerate(m.layers):
+            device = self.devices[index]
+            x, delta = _to(x, device), _to(delta, device)  # a no-op unless the model is sharded
+            if device not in tables:
+                tables[device] = {kind: (cos.to(device), sin.to(device)) for kind, (cos, sin) in tables[hidden.device].items()}
+            cos, sin = tables[device][layer.layer_type]
+
+            def attend(h: torch.Tensor) -> torch.Tensor:
+                return self._attend(index, layer, h, cos, sin, where, ops)
+
+            with _on(device, self.sharded):
+                x, delta = layer_forward(layer, x, delta, attend, ops, m.parallel_residual)
+        device = placement.module_device(m.final_norm)
+        return ops.add_norm(_to(x, device), _to(delta, device), m.final_norm)[1]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden state -> logits `[batch, t, vocab]`, on the lm_head's device."""
+        return self.modules.logits(hidden.to(self.modules.lm_head.weight.device))
 
     def _chunk(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embed and run one chunk `[batch, t]` through every layer, updating the cache; returns the
@@ -165,39 +219,56 @@ class CompressedLM:
         m, cache = self.modules, self.cache
         start = cache.length
         positions = torch.arange(start, start + tokens.shape[1], device=m.device)
-        hidden = m.embed(tokens)
-        cos, sin = m.rotary(hidden, positions[None])  # [1, t, d_head]
         if isinstance(cache, StaticCache):
             plan = cache.plan(start, tokens.shape[1])
-            for index, layer in enumerate(m.layers):
-                hidden = self._layer(index, layer, hidden, cos, sin, plan)
+            hidden = self._layers(m.embed(tokens), positions, plan, fused.ModuleOps())
             cache.finish_chunk(plan)
-            return m.final_norm(hidden)
-        positions = positions.cpu()
-        for index, layer in enumerate(m.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, start, positions)
+            return hidden
+        hidden = self._layers(m.embed(tokens), positions, start, fused.ModuleOps())
         cache.length += tokens.shape[1]
-        return m.final_norm(hidden)
+        return hidden
+
+    def _attend(self, index: int, layer: LayerModules, h: torch.Tensor, cos, sin, where, ops) -> torch.Tensor:
+        """`h` `[batch, t, d_model]` -> the attention heads' output `[batch, t, n_heads * d_head]` (before `o_proj`)."""
+        q, k, v = layer.project(h, ops.norm)
+        q, k = ops.rotary(q, k, cos, sin)
+        batch, n_heads, t, d = q.shape
+        cache = self.cache
+        if isinstance(cache, CompressedCache):
+            out = cached_attention(cache.layers[index], q, k, v, where, layer.scaling, layer.softcap)
+        elif isinstance(where, ChunkPlan):
+            out = self._prefill_attention(index, layer, q, k, v, where)
+        else:  # decode: every KV head at once, the group's query heads as the rows of their KV head
+            out = cache.decode(cache.layers[index], q.reshape(batch, -1, self.group, d), k[:, :, 0], v[:, :, 0],
+                               layer.scaling, layer.softcap or 0.0).view(batch, n_heads, 1, d)
+        return out.transpose(1, 2).reshape(batch, t, n_heads * d)
+
+    def _prefill_attention(self, index: int, layer: LayerModules, q, k, v, plan: ChunkPlan) -> torch.Tensor:
+        """The "sdpa" path's prefill: `q` `[batch, n_heads, t, d]`, `k`/`v` `[batch, n_kv, t, d]` -> like `q`, per kind."""
+        heads, cache = self.heads[index], self.cache
+        lc = cache.layers[index]
+        softcap = layer.softcap or 0.0
+        out = None
+        for n, kv_idx, q_idx, attend in ((lc.n_full, heads.full_kv, heads.full_q, cache.prefill_full),
+                                         (lc.n_stream, heads.stream_kv, heads.stream_q, cache.prefill_stream)):
+            if n == layer.n_kv_heads:  # the whole layer is of this kind: no gather
+                return attend(lc, q, k, v, plan, layer.scaling, softcap)
+            if n:
+                part = attend(lc, q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), plan,
+                              layer.scaling, softcap)
+                out = torch.empty_like(q) if out is None else out
+                out.index_copy_(1, q_idx, part)
+        return out
 
     # --- the "sdpa" path's decode step ------------------------------------------------------------
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token `[batch, 1]` at the device position `cache.pos`: static shapes, no host sync; logits `[batch, 1, vocab]`."""
         m, cache = self.modules, self.cache
-        hidden = m.embed(tokens)
-        cos, sin = m.rotary(hidden, cache.pos[None])
-        step = cache.begin_step()
-        if self.fuse:  # each layer hands its MLP output on, to be added in the next norm's kernel
-            delta = None
-            for index, layer in enumerate(m.layers):
-                hidden, delta = self._fused_decode_layer(index, layer, hidden, delta, cos, sin, step)
-            hidden, normed = fused.compiled("add_rms_norm")(hidden, delta, m.final_norm.weight, fused.norm_eps(m.final_norm))
-        else:
-            for index, layer in enumerate(m.layers):
-                hidden = self._layer(index, layer, hidden, cos, sin, step)
-            normed = m.final_norm(hidden)
+        slots = cache.begin_step()
+        normed = self._layers(m.embed(tokens), cache.pos, slots, self.decode_ops)
         cache.end_step()
-        return m.lm_head(normed)
+        return self._logits(normed)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -214,132 +285,22 @@ class CompressedLM:
         return logits
 
     def _capture(self, tokens: torch.Tensor):
-        """Warm the step up on a side stream (it is idempotent once `pos` is put back), then capture it."""
+        """Warm the step up on a side stream (rewound: the warm-up steps leave the cache as it was), then capture it.
+
+        Capturing records the step without running it, so `_decode`'s first replay is the first real step."""
         cache = self.cache
         static_tokens = tokens.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._step(static_tokens)
-                cache.pos.sub_(1)
+                with cache.rewound():
+                    self._step(static_tokens)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = self._step(static_tokens)
         return graph, static_tokens, static_logits
-
-    def _layer(self, index: int, layer: LayerModules, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               *where) -> torch.Tensor:
-        """One decoder layer on `x` `[batch, t, d_model]`; `where` is `(start, positions [t])` on the eager
-        path, a `ChunkPlan` (prefill) or the decode step's masks on the "sdpa" path."""
-        m = self.modules
-        batch, t, _ = x.shape
-        h = layer.input_norm(x)
-        q = apply_rotary(layer.q_proj(h).view(batch, t, m.n_heads, m.d_head).transpose(1, 2), cos, sin)
-        k = apply_rotary(layer.k_proj(h).view(batch, t, m.n_kv_heads, m.d_head).transpose(1, 2), cos, sin)
-        v = layer.v_proj(h).view(batch, t, m.n_kv_heads, m.d_head).transpose(1, 2)
-        if isinstance(self.cache, StaticCache):
-            out = self._static_attention(index, q, k, v, where[0])
-        else:
-            out = self._eager_attention(index, q, k, v, *where)
-        x = x + layer.o_proj(out.transpose(1, 2).reshape(batch, t, m.n_heads * m.d_head))
-        return x + layer.mlp(layer.post_norm(x))
-
-    def _fused_decode_layer(self, index: int, layer: LayerModules, x, delta, cos, sin, step):
-        """`_layer` for one decode token with the fused pieces of `headlab.runtime.fused` (CUDA). `x` plus the
-        previous layer's MLP output `delta` (None for the first layer) is the layer's input; returns this
-        layer's `(x after attention, MLP output)`."""
-        m, lc, heads = self.modules, self.cache.layers[index], self.heads_on_device[index]
-        batch = x.shape[0]
-        w, eps = layer.input_norm.weight, fused.norm_eps(layer.input_norm)
-        if delta is None:
-            h = fused.compiled("rms_norm")(x, w, eps)
-        else:
-            x, h = fused.compiled("add_rms_norm")(x, delta, w, eps)
-        packed = self.packed[index]
-        if packed is not None:
-            q, k, v = F.linear(h, packed.qkv, packed.qkv_bias).split(packed.qkv_sizes, dim=-1)
-        else:
-            q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
-        q = q.view(batch, 1, m.n_heads, m.d_head).transpose(1, 2)
-        k = k.view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
-        v = v.view(batch, 1, m.n_kv_heads, m.d_head).transpose(1, 2)
-        if lc.n_full and lc.n_stream:
-            parts = fused.compiled("rotary_split")(q, k, v, cos, sin, heads.full_q, heads.full_kv, heads.stream_q, heads.stream_kv)
-            out_full, out_stream = self._static_attention(index, q, k, v, step, parts)
-            out = fused.compiled("merge_heads")(out_full, out_stream, self.merge_index[index])
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            out = self._static_attention(index, q, k, v, step).transpose(1, 2).reshape(batch, 1, m.n_heads * m.d_head)
-        x, h = fused.compiled("add_rms_norm")(x, layer.o_proj(out), layer.post_norm.weight, fused.norm_eps(layer.post_norm))
-        if packed is not None:
-            gate, up = F.linear(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
-        elif fused.is_silu(layer.act):
-            gate, up = layer.gate_proj(h), layer.up_proj(h)
-        else:
-            return x, layer.mlp(h)
-        act = fused.compiled("silu_mul") if fused.is_silu(layer.act) else (lambda g, u: layer.act(g) * u)
-        return x, layer.down_proj(act(gate, up))
-
-    def _static_attention(self, index: int, q, k, v, where, split=None):
-        """`q` `[batch, n_heads, t, d]`, `k`/`v` `[batch, n_kv, t, d]` -> `[batch, n_heads, t, d]` (the "sdpa" path).
-        `split`: `(q_full, kv_full, q_stream, kv_stream)` when already gathered by the fused decode (keys and values
-        stacked `[2, batch, n, 1, d]`); then the full and streaming heads' outputs are returned apart, for
-        `fused.merge_heads`."""
-        m, heads, cache = self.modules, self.heads_on_device[index], self.cache
-        lc = cache.layers[index]
-        batch, _, t, d = q.shape
-        decode = not isinstance(where, ChunkPlan)
-        parts = []  # per kind: (queries, keys and values, query-head indices or None for the whole layer)
-        for i, (n, kv_idx, q_idx) in enumerate(((lc.n_full, heads.full_kv, heads.full_q), (lc.n_stream, heads.stream_kv, heads.stream_q))):
-            if not n:
-                parts.append(None)
-            elif split is not None:
-                parts.append((split[2 * i], split[2 * i + 1], q_idx))
-            else:
-                whole = n == m.n_kv_heads  # the whole layer is of this kind: no gather
-                qi, ki, vi = (q, k, v) if whole else (q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx))
-                parts.append((qi, torch.stack([ki, vi]) if decode else (ki, vi), None if whole else q_idx))
-        full, stream = parts
-        if decode:  # the group's query heads become the query rows of their KV head
-            def rows(part):
-                return (part[0].view(batch, -1, self.group, d), part[1]) if part else (None, None)
-            outs = cache.decode(lc, *rows(full), *rows(stream), where, m.scaling)
-            outs = [o.view(batch, -1, 1, d) if o is not None else None for o in outs]
-        else:
-            outs = [cache.prefill_full(lc, full[0], *full[1], where, m.scaling) if full else None,
-                    cache.prefill_stream(lc, stream[0], *stream[1], where, m.scaling) if stream else None]
-        if full is not None and full[2] is None:
-            return outs[0]
-        if stream is not None and stream[2] is None:
-            return outs[1]
-        if split is not None:
-            return outs[0], outs[1]
-        out = torch.empty_like(q)
-        out.index_copy_(1, full[2], outs[0])
-        out.index_copy_(1, stream[2], outs[1])
-        return out
-
-    def _eager_attention(self, index: int, q, k, v, start: int, positions: torch.Tensor) -> torch.Tensor:
-        """The paged cache and segmented eager attention (the "eager" path)."""
-        m, heads, lc = self.modules, self.heads[index], self.cache.layers[index]
-        batch, _, t, _ = q.shape
-        out = torch.empty_like(q)  # [batch, n_heads, t, d_head]
-        q_pos = positions.to(q.device)
-        for kv_idx, q_idx, store, window in (
-            (heads.full_kv, heads.full_q, lc.full, None),
-            (heads.stream_kv, heads.stream_q, lc.streaming, (self.mask.sink, self.mask.recent)),
-        ):
-            if kv_idx.numel() == 0:
-                continue
-            kv_idx, q_idx = kv_idx.to(q.device), q_idx.to(q.device)
-            k_part, v_part = k[:, kv_idx], v[:, kv_idx]
-            query = q[:, q_idx].view(batch, kv_idx.numel(), self.group, t, m.d_head)
-            segments = store.segments(start) + [(k_part, v_part, q_pos, None)]
-            out[:, q_idx] = segmented_attention(query, q_pos, segments, m.scaling, window).reshape(batch, -1, t, m.d_head)
-            store.append(k_part, v_part, start)
-        return out
 
     # --- generation --------------------------------------------------------------------------
 
