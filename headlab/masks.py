@@ -14,6 +14,7 @@ Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -59,33 +60,72 @@ def _n_full(fraction: float, total: int) -> int:
     return int(round(fraction * total))
 
 
-MASK_SOURCES = ("score", "random", "all_streaming")
+def mask_sources() -> list[str]:
+    """The name of every registered mask source (`headlab.mask_sources`), e.g. "retrieval", "duo", "random"."""
+    from headlab.mask_sources import source_names
+
+    return source_names()
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """How `make_mask` builds a mask: the defaults every view (CLI, app, analyses) starts from.
 
-    `sink` and `recent` are what a streaming head keeps (DuoAttention's defaults, 64 + 256); `full_fraction`
-    the share of KV heads kept full (or `threshold`, a minimum group score); `kind` the score whose top KV
-    heads stay full (`source="score"`); `seed` the draw of `source="random"`.
+    `source` names a registered mask source (`mask_sources()`); `full_fraction` is the budget, the share of
+    KV heads kept full (`round(full_fraction * n_layers * n_kv_heads)` of them, exactly), or `threshold`, a
+    minimum value, instead; `full_fraction=None` with no threshold asks for the source's own cut (only the
+    DuoAttention sources have one: gates >= 0.5). `sink` and `recent` are what a streaming head keeps
+    (DuoAttention's defaults, 64 + 256). `kind` is the score whose top KV heads stay full (`source="score"`)
+    and `seed` the draw of a seeded source (`"random"`): the sources that have such a parameter read them here.
     """
 
     source: str = "score"
     kind: str = "retrieval"
-    full_fraction: float = 0.5
+    full_fraction: float | None = 0.5
     threshold: float | None = None
     sink: int = 64
     recent: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.source not in MASK_SOURCES:
-            raise ValueError(f"Mask source must be one of {', '.join(MASK_SOURCES)}; got {self.source!r}.")
-        _n_full(self.full_fraction, 1)
+        names = mask_sources()
+        if self.source not in names:
+            raise ValueError(f"Mask source must be one of {', '.join(names)}; got {self.source!r}.")
+        if self.full_fraction is not None:
+            _n_full(self.full_fraction, 1)
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite score, not {self.threshold}.")
         _check_window(self.sink, self.recent)
+
+    def n_full(self, total: int) -> int | None:
+        """How many of `total` KV heads the budget keeps full (None when a threshold or the source's own cut decides)."""
+        return None if self.threshold is not None or self.full_fraction is None else _n_full(self.full_fraction, total)
+
+
+def top_k_full(values: torch.Tensor, k: int) -> torch.Tensor:
+    """`[n_layers, n_kv_heads]` values -> bool of the same shape, True for exactly the `k` largest
+    (ties go to the earlier layer, then the earlier KV head: a stable sort)."""
+    order = torch.argsort(values.flatten().float(), descending=True, stable=True)
+    full = torch.zeros(values.numel(), dtype=torch.bool)
+    full[order[:k]] = True
+    return full.reshape(values.shape)
+
+
+def choose_full(values: torch.Tensor, full_fraction: float | None, threshold: float | None) -> tuple[torch.Tensor, dict]:
+    """KV-head values `[n_layers, n_kv_heads]` -> (`full` bool, budget record): the top `full_fraction` of all
+    KV heads (`top_k_full`), or those whose value is above `threshold`."""
+    if (full_fraction is None) == (threshold is None):
+        raise ValueError("Give exactly one of full_fraction (share of KV heads kept full) or threshold (minimum group score).")
+    if full_fraction is not None:
+        k = _n_full(full_fraction, values.numel())
+        return top_k_full(values, k), {"full_fraction": float(full_fraction), "n_full": k}
+    full = values.float() > float(threshold)
+    return full, {"threshold": float(threshold), "n_full": int(full.sum())}
+
+
+def duo_full(values: torch.Tensor) -> torch.Tensor:
+    """DuoAttention's own cut: gate values `[n_layers, n_kv_heads]` clipped to [0, 1], full where >= 0.5."""
+    return values.float().clamp(0.0, 1.0) >= DUO_THRESHOLD
 
 
 @dataclass
@@ -149,16 +189,7 @@ class HeadMask:
             raise ValueError(f"How many KV heads does {scores.model} have? HeadScores do not say: pass n_kv_heads= or info=lab.info.")
         values = scores.values.float()
         kv_scores = group_scores(values, int(n_kv), group)
-        if full_fraction is not None:
-            k = _n_full(full_fraction, kv_scores.numel())
-            order = torch.argsort(kv_scores.flatten(), descending=True, stable=True)
-            full = torch.zeros(kv_scores.numel(), dtype=torch.bool)
-            full[order[:k]] = True
-            full = full.reshape(kv_scores.shape)
-            budget = {"full_fraction": float(full_fraction), "n_full": k}
-        else:
-            full = kv_scores > float(threshold)
-            budget = {"threshold": float(threshold), "n_full": int(full.sum())}
+        full, budget = choose_full(kv_scores, full_fraction, threshold)
         return cls(
             model=scores.model, n_layers=values.shape[0], n_heads=values.shape[1], n_kv_heads=int(n_kv), full=full,
             sink=sink, recent=recent,
@@ -174,24 +205,25 @@ class HeadMask:
         order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
         full = torch.zeros(total, dtype=torch.bool)
         full[order[:k]] = True
-        return cls._for(info, full.reshape(info.n_layers, info.n_kv_heads), sink, recent,
+        return cls.for_model(info, full.reshape(info.n_layers, info.n_kv_heads), sink, recent,
                         {"kind": "random", "params": {"seed": int(seed)}, "budget": {"full_fraction": float(full_fraction), "n_full": k}})
 
     @classmethod
     def all_streaming(cls, info, sink: int = MaskConfig.sink, recent: int = MaskConfig.recent) -> "HeadMask":
         """Every KV head streams (keeps sink + recent tokens)."""
-        return cls._for(info, torch.zeros(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
+        return cls.for_model(info, torch.zeros(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
                         {"kind": "all_streaming", "params": {}, "budget": {"full_fraction": 0.0, "n_full": 0}})
 
     @classmethod
     def all_full(cls, info, sink: int = MaskConfig.sink, recent: int = MaskConfig.recent) -> "HeadMask":
         """Every KV head keeps its whole cache (the plain model)."""
         n = info.n_layers * info.n_kv_heads
-        return cls._for(info, torch.ones(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
+        return cls.for_model(info, torch.ones(info.n_layers, info.n_kv_heads, dtype=torch.bool), sink, recent,
                         {"kind": "all_full", "params": {}, "budget": {"full_fraction": 1.0, "n_full": n}})
 
     @classmethod
-    def _for(cls, info, full: torch.Tensor, sink: int, recent: int, source: dict) -> "HeadMask":
+    def for_model(cls, info, full: torch.Tensor, sink: int, recent: int, source: dict) -> "HeadMask":
+        """The mask `full` `[n_layers, n_kv_heads]` for the model `info` (a `ModelInfo`), with its `source` record."""
         source = {**source, "group_rule": GROUP_RULE}
         return cls(model=info.name, n_layers=info.n_layers, n_heads=info.n_heads, n_kv_heads=info.n_kv_heads,
                    full=full, sink=sink, recent=recent, source=source)
@@ -329,7 +361,7 @@ class HeadMask:
             model=extra.get("model") or (info.name if info is not None else ""),
             n_layers=n_layers,
             n_heads=extra.get("n_heads") or (info.n_heads if info is not None and info.n_kv_heads == n_kv else None),
-            n_kv_heads=n_kv, full=clipped >= DUO_THRESHOLD, sink=config["sink_size"], recent=config["recent_size"],
+            n_kv_heads=n_kv, full=duo_full(values), sink=config["sink_size"], recent=config["recent_size"],
             source=extra.get("source") or {"kind": "duo_attention", "params": {"file": str(tsv)},
                                             "budget": {"threshold": DUO_THRESHOLD, "values": clipped.tolist()}},
         )
@@ -343,19 +375,27 @@ def _read_json(path: Path):
         raise ValueError(f"{path} is not valid JSON ({err}).") from err
 
 
-def make_mask(lab, source: str = MaskConfig.source, *, score_params: dict | None = None, **config) -> HeadMask:
-    """A `HeadMask` for `lab` built as `MaskConfig(source, **config)` says: from a score (`source="score"`,
-    top `full_fraction` or above `threshold`), `"random"` (seeded, same budget) or `"all_streaming"`."""
-    from headlab.scorers import score
+def make_mask(lab, source: str = MaskConfig.source, **params) -> HeadMask:
+    """A `HeadMask` for `lab` from the registered mask source `source` (`mask_sources()`).
 
-    c = MaskConfig(source=source, **config)
-    if c.source == "random":
-        return HeadMask.random(lab.info, c.full_fraction, seed=c.seed, sink=c.sink, recent=c.recent)
-    if c.source == "all_streaming":
-        return HeadMask.all_streaming(lab.info, sink=c.sink, recent=c.recent)
-    scores = score(lab, c.kind, **(score_params or {}))
-    fraction = None if c.threshold is not None else c.full_fraction
-    return HeadMask.from_scores(scores, full_fraction=fraction, threshold=c.threshold, sink=c.sink, recent=c.recent, info=lab.info)
+    `params` are `MaskConfig`'s budget and window (`full_fraction`, `threshold`, `sink`, `recent`) and the
+    source's own parameters (its dataclass fields, e.g. `seed=` for "random", `kind=`/`score_params=` for
+    "score", `steps=` for "duo"). `kind` and `seed` are `MaskConfig` fields too: a source without such a
+    parameter ignores them, so one form can pass them to every source. Anything else is an error naming
+    the parameters the source takes. Every source keeps exactly `round(full_fraction * n_kv_heads_total)`
+    KV heads full (but "all_streaming", which keeps none).
+    """
+    from headlab.mask_sources import make_source, source_fields
+
+    common = {f.name for f in dataclasses.fields(MaskConfig)}
+    takes = source_fields(source)  # raises for an unknown source, naming the known ones
+    unknown = sorted(set(params) - common - set(takes))
+    if unknown:
+        raise TypeError(f"Mask source '{source}' takes no parameter {unknown}; it takes "
+                        f"{sorted(set(takes) | (common - {'source', 'kind', 'seed'}))}.")
+    config = MaskConfig(source=source, **{k: v for k, v in params.items() if k in common})
+    own = {k: v for k, v in params.items() if k in takes}
+    return make_source(source, **own).build(lab, config)
 
 
 MIB = 2**20

@@ -228,3 +228,15 @@ def test_save_refuses_a_folder_or_a_non_json_path(tmp_path):
     with pytest.raises(ValueError, match="must be a .json path"):
         mask.save(raw)
     assert raw.read_bytes() == b"raw"
+
+
+def test_top_k_is_exact_with_ties_and_the_config_names_the_sources():
+    from headlab.masks import MaskConfig, choose_full, top_k_full
+
+    tied = torch.tensor([[0.5, 0.5], [0.5, 0.1]])
+    assert top_k_full(tied, 2).tolist() == [[True, True], [False, False]]  # ties: earlier layer, then earlier KV head
+    assert [int(top_k_full(tied, k).sum()) for k in range(5)] == [0, 1, 2, 3, 4]
+    full, budget = choose_full(tied, None, 0.4)
+    assert full.tolist() == [[True, True], [True, False]] and budget == {"threshold": 0.4, "n_full": 3}
+    with pytest.raises(ValueError, match="Mask source must be one of .*duo.*razor.*; got 'nope'"):
+        MaskConfig(source="nope")

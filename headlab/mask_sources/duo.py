@@ -1,0 +1,229 @@
+"""`duo`: DuoAttention's own optimisation of which KV heads stay full (Xiao et al. 2024, "DuoAttention:
+Efficient Long-Context LLM Inference with Retrieval and Streaming Heads"; mit-han-lab/duo-attention).
+
+A gate alpha per KV head mixes its heads' attention as `(1 - alpha) * streaming + alpha * full`
+(`duo_gates`); the gates, initialised at 1, are trained by AdamW (no weight decay) to keep the final
+hidden states on the answers of synthetic multi-passkey prompts (`duo_passkeys`) close to the full
+model's, plus an L1 push of the gates towards 0 (streaming); they are clamped to [0, 1] before every
+step. The mask keeps the top-k gates full (the budget's quantile), or, with `full_fraction=None`,
+DuoAttention's own cut (gate >= 0.5).
+
+What carries over from the reference (`scripts/train.sh`, `duo_attn/train.py`): lr 0.02, reg_weight
+0.05, initial gates 1.0, batch 1, AdamW with weight decay 0, the learning-rate schedule (linear warm-up
+over the first fifth of the steps from 0.1x, linear decay over the last fifth down to 0.1x), passkeys
+of NATO-alphabet words in a book-like haystack, needle depths in [0.05, 0.95], 50 context lengths
+spread over the range. What is scaled down so the embedded model trains on this 2-core CPU in minutes:
+the reference runs 2000 steps on 1k-32k-token prompts with 10 passkeys of 32 words on 8 GPUs; the
+defaults here are 48 steps on 640-1024-token prompts with 3 passkeys of 8 words (the window is the
+mask's, 64 + 256 by default, so most of each prompt is out of a streaming head's reach); with the
+reference's learning rate a gate can travel about 0.8 in 48 steps, enough to order the heads. For a larger
+model on a GPU, raise them towards the reference's (e.g. steps=2000, context_max=32000,
+num_passkeys=10, passkey_words=32), within what `check` says fits in memory.
+
+The trained gates are a stored run (`headlab.store`, record `duo_gates`, keyed by the model and every
+parameter, the window included), so the second mask at any budget is instant.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab import store
+from headlab.lab import Lab
+from headlab.mask_sources import MaskSource, budget_of
+from headlab.mask_sources import duo_gates, duo_passkeys
+from headlab.masks import HeadMask, MaskConfig, duo_full
+from headlab.runtime.weights import model_modules
+
+FORMAT = "headlab.duo_gates/v1"
+
+
+@dataclass
+class DuoGates:
+    """Trained DuoAttention gates: `gates` `[n_layers, n_kv_heads]` in [0, 1]; `history` the per-step losses."""
+
+    model: str
+    params: dict
+    gates: torch.Tensor
+    history: dict
+    seconds: float
+    device: str = "cpu"
+
+    def save(self, path: Path | str) -> Path:
+        store.write_record(Path(path), {
+            "format": FORMAT, "record": "duo_gates", "kind": "duo", "model": self.model, "params": self.params,
+            "gates": self.gates.tolist(), "history": self.history, "seconds": self.seconds, "device": self.device})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "DuoGates":
+        record = store.read_record(path, FORMAT, "DuoAttention gates")
+        return cls(model=record["model"], params=record["params"], gates=torch.tensor(record["gates"], dtype=torch.float32),
+                   history=record["history"], seconds=record["seconds"], device=record.get("device", "cpu"))
+
+
+@dataclass(frozen=True)
+class Duo(MaskSource):
+    """DuoAttention's trained gates, binarised at the budget (top-k gates full).
+
+    Cost: `steps` training steps, each a full forward pass (no gradients), a gated forward and its backward
+    (gradients for the gates only): about 3 forward passes of a `context_min`..`context_max`-token prompt,
+    so time grows with steps x mean length x model size (plus length^2 attention). Memory: the gated pass's
+    activations, about `(8 d_model + 4 heads*d_head + 2 kv_heads*d_head + 3 d_mlp) x bytes` per token and
+    layer, plus a `[length, length]` boolean mask; `check` refuses a `context_max` that does not fit.
+    The embedded model at the defaults on the shared 2-core CPU: 40-120 s per step while 8-12 other processes ran
+    (about 45 steps' worth of minutes), so budget an idle machine or a GPU. Stored: a second call is instant.
+    """
+
+    name = "duo"
+    own_cut = True
+    steps: int = 48
+    lr: float = 0.02
+    reg_weight: float = 0.05
+    init_value: float = 1.0
+    context_min: int = 640
+    context_max: int = 1024
+    num_passkeys: int = 3
+    passkey_words: int = 8
+    seed: int = MaskConfig.seed
+
+    def __post_init__(self):
+        from headlab import validate
+
+        for field in ("steps", "context_min", "context_max", "num_passkeys", "passkey_words"):
+            validate.count(getattr(self, field), f"Mask source 'duo': {field}")
+        if self.context_min > self.context_max:
+            raise ValueError(f"Mask source 'duo': context_min ({self.context_min}) is above context_max ({self.context_max}).")
+        if not (self.lr > 0 and self.reg_weight >= 0 and 0.0 <= self.init_value <= 1.0):
+            raise ValueError(f"Mask source 'duo' needs lr > 0, reg_weight >= 0 and init_value in [0, 1]; got lr={self.lr}, "
+                             f"reg_weight={self.reg_weight}, init_value={self.init_value}.")
+
+    def check(self, lab: Lab, config: MaskConfig) -> None:
+        super().check(lab, config)
+        lab.check_length(self.context_max, "duo training prompt (context_max)")
+        if self.context_min <= config.sink + config.recent:
+            raise ValueError(f"Mask source 'duo': context_min ({self.context_min}) must exceed sink + recent "
+                             f"({config.sink} + {config.recent}); shorter prompts never reach past a streaming head's window, "
+                             f"so the gates would learn nothing.")
+        needed = duo_passkeys.PasskeyPrompts(lab, self.num_passkeys, self.passkey_words).most_overhead()
+        if needed >= self.context_min:
+            raise ValueError(f"Mask source 'duo': {self.num_passkeys} passkeys of {self.passkey_words} words take up to "
+                             f"{needed} tokens, no room left in context_min={self.context_min}: lower num_passkeys or "
+                             f"passkey_words, or raise context_min.")
+        check_memory(lab, self.context_max)
+
+    def run_path(self, lab: Lab, config: MaskConfig) -> Path:
+        """Where the gates of this training run of `lab` are stored."""
+        return store.run_path(lab.info.slug, "duo_gates", {**self.params(), "sink": config.sink, "recent": config.recent})
+
+    def gates(self, lab: Lab, config: MaskConfig, *, recompute: bool = False) -> DuoGates:
+        """The trained gates for `config`'s window: read from the store, else trained (with a progress bar) and stored."""
+        self.check(lab, config)
+        return self._stored_or_trained(lab, config, recompute)
+
+    def _stored_or_trained(self, lab: Lab, config: MaskConfig, recompute: bool = False) -> DuoGates:
+        return store.cached_run(self.run_path(lab, config), DuoGates.load, lambda: train(lab, self, config.sink, config.recent),
+                                recompute=recompute)
+
+    def make(self, lab: Lab, config: MaskConfig) -> HeadMask:
+        trained = self._stored_or_trained(lab, config)
+        extra = {"seconds": trained.seconds, "history": {k: v[-1:] for k, v in trained.history.items()}}
+        full_fraction, threshold = budget_of(config, self.name, self.own_cut)
+        if full_fraction is None and threshold is None:
+            full = duo_full(trained.gates)
+            return HeadMask.for_model(lab.info, full, config.sink, config.recent, self.record(
+                budget={"threshold": 0.5, "n_full": int(full.sum()), "own_cut": True}, values=trained.gates.tolist(), **extra))
+        return self.from_values(lab, trained.gates, config, **extra)
+
+
+def check_model(m) -> None:
+    """Refuse what the gated run does not model: sliding-window layers (their heads stream already) and logit soft-capping."""
+    if any(m.sliding_windows) or any(layer.softcap for layer in m.layers):
+        raise ValueError(f"Mask source 'duo' trains gates on full-attention layers without logit soft-capping; "
+                         f"{m.name} has sliding-window layers or soft-capping.")
+
+
+def check_memory(lab: Lab, length: int) -> None:
+    """Refuse a training length whose activations (see `Duo`'s cost) would not fit in the device's free memory."""
+    m = model_modules(lab.hf_model)
+    check_model(m)
+    d_model, d_mlp = m.embed.weight.shape[1], m.layers[0].down.in_features
+    width = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp
+    needed = length * width * m.embed.weight.element_size() * m.n_layers + length * length
+    free = free_bytes(m.device)
+    if needed > 0.8 * free:
+        raise MemoryError(f"Mask source 'duo': training on {length}-token prompts needs about {needed / 2**30:.1f} GiB for "
+                          f"activations, {free / 2**30:.1f} GiB free on {m.device}: lower context_max.")
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on `device` (CUDA: the driver's count; CPU: the system's available memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The reference's schedule: linear warm-up over the first fifth from 0.1x, linear decay over the last fifth to 0.1x."""
+    fifth = max(1, steps // 5)
+    return min(1.0, max((step + 1) / fifth, 0.1), max((steps - step) / fifth, 0.1))
+
+
+def train(lab: Lab, config: Duo, sink: int, recent: int, progress: bool = True) -> DuoGates:
+    """Train DuoAttention gates on `lab` for the streaming window `sink` + `recent`; returns them with the per-step losses."""
+    started = time.perf_counter()
+    m = model_modules(lab.hf_model)
+    torch.manual_seed(config.seed)
+    gates = torch.full((m.n_layers, m.n_kv_heads), float(config.init_value), device=m.device, requires_grad=True)
+    optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config.steps))
+    prompts = duo_passkeys.PasskeyPrompts(lab, config.num_passkeys, config.passkey_words)
+    samples = duo_passkeys.sample_stream(prompts, config.context_min, config.context_max, config.seed)
+    history: dict[str, list[float]] = {"loss": [], "distill": [], "reg": [], "length": []}
+    bar = tqdm(range(config.steps), desc=f"duo gates ({lab.info.name})", disable=not progress)
+    with frozen(lab.hf_model):
+        for _ in bar:
+            with torch.no_grad():
+                gates.clamp_(0, 1)
+            sample = next(samples)
+            loss, distill, reg = step_loss(m, sample, gates, sink, recent, config.reg_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            for key, value in (("loss", loss), ("distill", distill), ("reg", reg)):
+                history[key].append(round(value.item(), 6))
+            history["length"].append(int(sample.tokens.shape[1]))
+            bar.set_postfix(distill=f"{distill.item():.4f}", reg=f"{reg.item():.3f}", length=sample.tokens.shape[1])
+    final = gates.detach().clamp(0, 1).float().cpu()
+    return DuoGates(model=lab.info.name, params={**config.params(), "sink": sink, "recent": recent}, gates=final,
+                    history=history, seconds=round(time.perf_counter() - started, 2), device=str(m.device))
+
+
+def step_loss(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float):
+    """`(loss, distill, reg)` of the gated model against the full model on one sample (`duo_gates.losses`)."""
+    tokens, labels = sample.tokens.to(m.device), sample.labels.to(m.device)
+    full = duo_gates.teacher(m, tokens, start=min(sink + recent, tokens.shape[1] - 1))
+    hidden = duo_gates.student(m, tokens, gates, full, sink, recent)
+    return duo_gates.losses(hidden, full, labels, gates, reg_weight)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block no parameter of `module` asks for a gradient (only the gates get one); restored after."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
