@@ -4,7 +4,9 @@ Hook names come from TransformerLens' own `get_act_name` ("pattern", 3 -> `block
 so no module spells them by hand. `capturing(lab, names)` is the one way headlab keeps activations: a
 context manager whose dict fills with each hooked activation (optionally reduced, e.g. to the last
 query row) while the model runs inside it; `capture(lab, tokens, names)` is one plain forward pass
-with it. `kl_divergence` is the one KL(intact || edited) of next-token distributions that Ships,
+with it. Its hooks are marked `reads_only`, so inside a linear pass (`headlab.longpass`) a capture of
+`hook_pattern` gets exactly recomputed blocks of pattern rows instead of forcing eager attention.
+`kl_divergence` is the one KL(intact || edited) of next-token distributions that Ships,
 Sahara and the scan's `last_token_kl` use.
 """
 from __future__ import annotations
@@ -19,6 +21,13 @@ from headlab.lab import Lab
 
 Hook = tuple[str, Callable]  # (hook name, fn(activation, hook=None) -> activation or None)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+READS_ONLY = "_headlab_reads_only"  # attribute of a hook that never edits its activation
+
+
+def reads_only(hook: Callable) -> Callable:
+    """Mark `hook` as one that never edits its activation (a linear pass then gives it recomputed pattern rows)."""
+    setattr(hook, READS_ONLY, True)
+    return hook
 
 
 def act_name(name: str, layer: int) -> str:
@@ -42,10 +51,11 @@ def capturing(lab: Lab, names: Iterable[str], reduce: Reduce | None = None) -> I
 
     def keeper(name: str):
         def keep(act: torch.Tensor, hook=None) -> torch.Tensor:
-            stash[name] = (reduce(act) if reduce else act).detach()
+            # a sharded model (device_map) computes each layer on its own GPU: gather on the lab's device
+            stash[name] = (reduce(act) if reduce else act).detach().to(lab.device)
             return act
 
-        return keep
+        return reads_only(keep)
 
     with lab.model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
         yield stash
@@ -60,7 +70,14 @@ def capture(lab: Lab, tokens: torch.Tensor, names: Iterable[str], reduce: Reduce
 
 
 def attention_pattern(lab: Lab, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-    """Attention of every head of `layer` on `tokens` `[1, pos]`: `[head, q_pos, k_pos]` on the CPU."""
+    """Attention of every head of `layer` on `tokens` `[1, pos]`: `[head, q_pos, k_pos]` on the CPU.
+
+    The full pattern, for short prompts (the pattern viewer): one eager forward, memory ~ head x pos^2 per layer
+    (quadratic in pos), refused up front when it would not fit.
+    """
+    pos = tokens.shape[-1]
+    lab.require_memory(4 * 4 * lab.info.n_heads * pos * pos, f"The attention pattern of {pos} tokens",
+                       "use a shorter prompt")
     name = act_name("pattern", layer)
     return capture(lab, tokens, [name])[name][0].float().cpu()
 

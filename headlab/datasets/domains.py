@@ -60,6 +60,19 @@ def stdlib_prose() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def long_prose() -> str:
+    """`stdlib_prose` followed by the Python language reference's topics (`pydoc_data.topics`, about 110k more
+    tokens), for prose samples longer than `stdlib_prose` holds (about 45k tokens): sink and streaming scores at
+    128k-token contexts. Samples that fit `stdlib_prose` keep reading it alone, so their results do not change.
+    `stdlib_prose` alone where a Python build lacks `pydoc_data`."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return stdlib_prose()
+    return "\n\n".join([stdlib_prose(), *(topics[name] for name in sorted(topics))])
+
+
+@functools.lru_cache(maxsize=1)
 def stdlib_source() -> str:
     """Python source code: the standard-library files of `STDLIB_MODULES`."""
     return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in STDLIB_MODULES)
@@ -122,7 +135,10 @@ def domain_tokens(lab: Lab, domain: str, n: int, seq_len: int, seed: int, texts:
     if domain in texts:
         return windows_of_text(lab, texts[domain], n, seq_len, seed)
     if domain == "prose":
-        return windows_of_text(lab, stdlib_prose(), n, seq_len, seed)
+        try:
+            return windows_of_text(lab, stdlib_prose(), n, seq_len, seed)
+        except EmptyTextError:  # longer than the docstrings: the language reference continues them
+            return windows_of_text(lab, long_prose(), n, seq_len, seed)
     if domain == "code":
         return windows_of_text(lab, stdlib_source(), n, seq_len, seed)
     if domain == "random":

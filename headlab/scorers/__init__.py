@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-import importlib
-import pkgutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +22,10 @@ import torch
 
 from headlab import store
 from headlab.lab import Lab
+from headlab.registry import Registry, jsonable
 from headlab.scores import HeadScores
 
-_SCORERS: dict[str, type["Scorer"]] = {}
-
-
-def _jsonable(value):
-    """Tuples become lists (JSON has no tuples), recursively, so params round-trip through a stored file."""
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+_SCORERS = Registry(__name__, __path__, "score kind", "kinds")
 
 
 @dataclass(frozen=True)
@@ -48,7 +38,7 @@ class Scorer(ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.kind:
-            _SCORERS[cls.kind] = cls
+            _SCORERS.register(cls.kind, cls)
 
     def params(self) -> dict:
         """Every parameter, JSON-able: what a stored run records and is keyed by.
@@ -57,7 +47,7 @@ class Scorer(ABC):
         `files: {parameter: sha256}` is added (absent when no parameter names a file), so two versions of
         one file never share a stored result.
         """
-        params = _jsonable(dataclasses.asdict(self))
+        params = jsonable(dataclasses.asdict(self))
         files = store.file_hashes(params)
         return {**params, "files": files} if files else params
 
@@ -75,42 +65,26 @@ class Scorer(ABC):
                           raw=raw or {}, meta={**(meta or {}), "slug": lab.info.slug})
 
 
-def _load_modules() -> None:
-    """Import every module of this package once, so each registers its scorers."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
 def kinds() -> list[str]:
     """Every registered score kind."""
-    _load_modules()
-    return sorted(_SCORERS)
+    return _SCORERS.names()
 
 
 def scorer_class(kind: str) -> type[Scorer]:
     """The scorer registered under `kind`."""
-    _load_modules()
-    if kind not in _SCORERS:
-        raise KeyError(f"Unknown score kind '{kind}'. Known kinds: {', '.join(kinds())}.")
-    return _SCORERS[kind]
+    return _SCORERS.get(kind)
 
 
 def scorer_fields(kind: str) -> dict[str, object]:
     """`{parameter: default}` of the scorer of `kind`, in declaration order."""
-    return {f.name: f.default for f in dataclasses.fields(scorer_class(kind))}
+    return _SCORERS.fields(kind)
 
 
 def make_scorer(kind: str, **params) -> Scorer:
     """The scorer of `kind` with `params` over its defaults; an unknown parameter, or a value its field's type
     annotation does not allow (`prompts="abc"` for `list[str] | None`), is an error naming the parameter."""
-    from headlab import validate
-
-    cls = scorer_class(kind)
     params.pop("files", None)  # the content hashes a stored run's params carry: recomputed from the files themselves
-    unknown = set(params) - set(scorer_fields(kind))
-    if unknown:
-        raise TypeError(f"Score kind '{kind}' takes no parameter {sorted(unknown)}; it takes {sorted(scorer_fields(kind))}.")
-    return cls(**validate.dataclass_params(cls, params, f"Score kind '{kind}'"))
+    return _SCORERS.make(kind, **params)
 
 
 def resolve_params(kind: str, **params) -> dict:

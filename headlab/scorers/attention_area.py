@@ -10,38 +10,54 @@ outside the window (positions `q >= sink + recent`):
 i.e. the attention mass a streaming head would drop (0 = streams for free, 1 = all its attention is
 on evicted tokens), averaged over `n` prose windows of `seq_len` tokens. Higher = keep the head full.
 The window defaults are the head masks' own (`MaskConfig`), so the score answers the mask's question.
+
+The texts run through `headlab.longpass.prefill` (chunked SDPA with the KV cache); a read-only hook on each
+layer's `hook_pattern` receives exactly recomputed blocks of pattern rows and keeps only their sums, so no
+`[seq_len, seq_len]` pattern is ever held.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from headlab.ablation.methods import streaming_window_allowed
-from headlab.activations import act_name, capturing, layer_names
+from headlab.activations import act_name, reads_only
 from headlab.datasets import domains
 from headlab.lab import Lab
+from headlab.longpass import pass_bytes, prefill
 from headlab.masks import MaskConfig
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 
-def evicted_mass(pattern: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """`[batch, head, q, k]` attention -> `[batch, head]`: mean mass outside sink + recent, over queries that evict any key."""
-    n = pattern.shape[-1]
-    outside = ~streaming_window_allowed(n, n, sink, recent, pattern.device) & torch.ones(n, n, device=pattern.device).tril().bool()
+def evicted_sums(pattern: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, int]:
+    """Attention `[batch, head, q, k]` of the last `q` of `k` positions -> (`[batch, head]` the summed mass outside
+    sink + recent over the queries that evict any key, how many such queries)."""
+    n_q, n_k = pattern.shape[-2:]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=pattern.device).tril(n_k - n_q)
+    outside = ~streaming_window_allowed(n_q, n_k, sink, recent, pattern.device) & causal
     queries = outside.any(-1)  # [q]: queries with at least one evicted key
     mass = (pattern.float() * outside).sum(-1)  # [batch, head, q]
-    return mass[..., queries].mean(-1)
+    return mass[..., queries].sum(-1), int(queries.sum())
+
+
+def evicted_mass(pattern: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """`[batch, head, q, k]` attention -> `[batch, head]`: mean mass outside sink + recent, over queries that evict any key."""
+    total, count = evicted_sums(pattern, sink, recent)
+    return total / count
 
 
 @dataclass(frozen=True)
 class AttentionArea(Scorer):
     """Attention mass each head puts outside the first `sink` and last `recent` tokens, on `domain` text.
 
-    Cost: one forward pass per batch of `n` texts of `seq_len` tokens; each layer's pattern is reduced to
-    `[batch, head]` inside its hook, so memory holds one layer's `[batch, head, seq_len, seq_len]` at a time
-    (quadratic in seq_len, linear in batch); time grows with n x model size x seq_len^2.
+    Cost: one chunked linear pass per batch of `batch_size` of the `n` texts of `seq_len` tokens, every layer's
+    pattern recomputed in row blocks and reduced at once to `[batch, head]` sums. Time grows with
+    n x (weights x seq_len + 2 x layers x heads x d_head x seq_len^2); memory linearly with batch_size x seq_len
+    (the KV cache plus one chunk and one row block, `longpass.pass_bytes`), never seq_len^2. Refused up front
+    when that exceeds free memory.
     """
 
     kind = "attention_area"
@@ -65,16 +81,27 @@ class AttentionArea(Scorer):
     @torch.no_grad()
     def compute(self, lab: Lab) -> HeadScores:
         lab.check_length(self.seq_len, "attention_area text")
+        batch_size = min(self.batch_size, self.n)
+        lab.require_memory(pass_bytes(lab, self.seq_len, batch_size, reads_pattern=True),
+                           f"attention_area on {batch_size} texts of {self.seq_len} tokens", "lower seq_len or batch_size")
         tokens = domains.domain_tokens(lab, self.domain, self.n, self.seq_len, self.seed)  # [n, seq_len]
-        names = layer_names(lab, "pattern")
-        per_text = []
-        with capturing(lab, names, lambda p: evicted_mass(p, self.sink, self.recent)) as area:
-            for batch in tokens.split(self.batch_size):
-                lab.model(batch.to(lab.device), return_type=None)
-                per_text.append(torch.stack([area[act_name("pattern", layer)] for layer in range(lab.info.n_layers)], 1).cpu())
-        per_text = torch.cat(per_text)  # [n, layer, head]
+        per_text = torch.cat([self._area(lab, batch) for batch in tokens.split(self.batch_size)])  # [n, layer, head]
         return self.result(lab, per_text.mean(0), {"per_text": per_text}, meta={
             "metric": f"attention mass outside the first {self.sink} and last {self.recent} tokens on {self.domain} "
                       f"({self.seq_len} tokens), mean over queries that evict any key",
             "n_samples": int(per_text.shape[0]),
         })
+
+    def _area(self, lab: Lab, tokens: torch.Tensor) -> torch.Tensor:
+        """`[batch, layer, head]` evicted mass of `tokens` `[batch, seq_len]`, from one linear pass."""
+        sums = {layer: [0.0, 0] for layer in range(lab.info.n_layers)}  # layer -> [mass [batch, head], queries]
+
+        def add(layer: int, pattern: torch.Tensor, hook=None) -> None:
+            total, count = evicted_sums(pattern, self.sink, self.recent)
+            sums[layer][0] = sums[layer][0] + total
+            sums[layer][1] += count
+
+        hooks = [(act_name("pattern", layer), reads_only(partial(add, layer))) for layer in sums]
+        with lab.model.hooks(fwd_hooks=hooks):
+            prefill(lab, tokens)
+        return torch.stack([total / count for total, count in sums.values()], 1).cpu()

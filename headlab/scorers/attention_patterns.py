@@ -16,6 +16,7 @@ from transformer_lens import head_detector
 from headlab.activations import act_name, capture, layer_names
 from headlab.datasets import data
 from headlab.lab import Lab
+from headlab.longpass import eager_pass_bytes
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
@@ -52,8 +53,10 @@ def attention_mass_on_targets(lab: Lab, tokens: torch.Tensor, targets: torch.Ten
 class PatternScorer(Scorer):
     """Attention mass on the kind's detection-pattern targets, over `n` repeated random sequences or `prompts`.
 
-    Cost: one forward pass per batch of `n` prompts of `2 * seq_len + 1` tokens, keeping every layer's
-    `[batch, head, pos, pos]` pattern: time grows with n x model size x pos, memory with batch x layers x pos^2.
+    Cost: one eager forward pass per batch of `n` prompts of `2 * seq_len + 1` tokens, keeping every layer's
+    `[batch, head, pos, pos]` pattern: time grows with n x (weights x pos + layers x heads x d_head x pos^2), memory
+    with batch x layers x heads x pos^2 (quadratic: meant for short prompts; `longpass.eager_pass_bytes`).
+    Refused up front when the largest batch would not fit in free memory.
     """
 
     prompts: list[str] | None = None
@@ -75,6 +78,10 @@ class PatternScorer(Scorer):
 
     def compute(self, lab: Lab) -> HeadScores:
         samples = self.samples(lab)
+        longest = max(sample.shape[1] for sample in samples)
+        lab.require_memory(eager_pass_bytes(lab, longest, min(self.batch_size, len(samples)), lab.info.n_layers),
+                           f"{self.kind} on {len(samples)} prompts of up to {longest} tokens",
+                           "lower batch_size or seq_len (or use shorter prompts)")
         detect = DETECTION_PATTERNS[self.kind]
         per_sample = []
         # Samples of one length are batched; user prompts of different lengths run one by one.

@@ -9,8 +9,10 @@ retrieval heads. The model's own exact-match
 accuracy is reported beside the scores (`meta["accuracy"]`): only copying steps can count, so a
 model that answers wrong scores little.
 
-Generation (`headlab.generation.greedy_generate`) runs under the bridge's hooks with the KV cache,
-keeping only the newest query's attention row at each step.
+Generation runs through `headlab.longpass.generate`: the prompt is prefilled in chunks through SDPA with
+the KV cache (no attention pattern at all), then each query that produces a token runs as one cached step
+whose attention row `[head, k]` is recomputed and reduced at once to its argmax per head; memory grows
+linearly with the context (the KV cache), not with its square.
 
 Views of a retrieval run: `retrieval_summary(scores)`, `needle_accuracy(lab, scores, k)` (the needle
 task's accuracy per length x depth cell, intact vs the top-k heads ablated, as a `NeedleAccuracy` with
@@ -27,9 +29,11 @@ import torch
 from headlab.ablation.curve import DEFAULTS, AblationCurve, Progress, ablation_curve
 from headlab.ablation.engine import ablation_hooks
 from headlab.datasets import needles
-from headlab.generation import answer_budget, answer_is_correct, greedy_generate
+from headlab.activations import layer_names
+from headlab.generation import answer_budget, answer_is_correct
 from headlab.heads import Head, format_heads
 from headlab.lab import Lab
+from headlab.longpass import generate, pass_bytes
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
@@ -57,18 +61,37 @@ def copy_hits(attention: torch.Tensor, prompt_ids: torch.Tensor, generated_id: i
     Returns:
         `[layer, head]` bool: the argmax key is in `[needle_start, needle_end)` and holds `generated_id`.
     """
-    top = attention.argmax(-1)  # [layer, head]
+    return needle_copies(attention.argmax(-1), prompt_ids, generated_id, needle_start, needle_end)
+
+
+def needle_copies(top: torch.Tensor, prompt_ids: torch.Tensor, generated_id: int, needle_start: int, needle_end: int) -> torch.Tensor:
+    """`copy_hits` from the argmax keys `top` `[layer, head]`: in `[needle_start, needle_end)` and holding `generated_id`."""
     in_needle = (top >= needle_start) & (top < needle_end)
     token_there = prompt_ids[top.clamp(max=len(prompt_ids) - 1)]
     return in_needle & (token_there == generated_id)
 
 
 def sample_retrieval_score(attention: list[torch.Tensor], prompt_ids: torch.Tensor, generated: list[int], needle_start: int, needle_end: int) -> torch.Tensor:
-    """`[layer, head]`: the sum over generated tokens of `copy_hits / needle_length` for one sample."""
+    """`[layer, head]`: the sum over generated tokens of `copy_hits / needle_length` for one sample.
+
+    `attention`: per generated token, `[layer, head, k]` rows or already their argmax keys `[layer, head]`."""
     total = torch.zeros(attention[0].shape[:2])
     for step_attention, token in zip(attention, generated):
-        total += copy_hits(step_attention, prompt_ids, token, needle_start, needle_end).float()
+        top = step_attention.argmax(-1) if step_attention.ndim == 3 else step_attention
+        total += needle_copies(top, prompt_ids, token, needle_start, needle_end).float()
     return total / (needle_end - needle_start)
+
+
+def _newest_argmax(pattern: torch.Tensor) -> torch.Tensor:
+    """`[1, head, 1, k]` the newest query's row -> `[head]` its argmax key, on the CPU."""
+    return pattern[0, :, -1].argmax(-1).cpu()
+
+
+def copying_generation(lab: Lab, tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy answer to `tokens` `[1, pos]` and, per generated token, every head's argmax key `[layer, head]`."""
+    names = layer_names(lab, "pattern")
+    generated, kept = generate(lab, tokens, max_new_tokens, read=(names, _newest_argmax))
+    return generated, [torch.stack([step[name] for name in names]) for step in kept]
 
 
 def topk_jaccard(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
@@ -88,9 +111,11 @@ def _stability(per_sample: torch.Tensor, group: list, k: int) -> dict[str, float
 class Retrieval(Scorer):
     """Retrieval score of every head over `n` needles per (length, depth) cell.
 
-    Cost: one greedy generation per needle (a prefill of `length` tokens plus a few cached steps), keeping
-    the newest query's attention row: time grows with n x cells x model size x length, memory with one
-    eager prefill's `[head, length, length]` pattern per layer (quadratic in length).
+    Cost: one greedy generation per needle, n x len(lengths) x len(depths) of them: a chunked SDPA prefill of
+    `length` tokens plus a few cached steps whose attention rows are recomputed. Time grows with
+    weights x length (the matmuls) + layers x heads x d_head x length^2 (attention); memory, linearly: the KV cache
+    of the longest length (2 x layers x kv_heads x d_head x length elements) plus one chunk's activations
+    (`longpass.pass_bytes`), independent of the number of samples. Refused up front when that exceeds free memory.
     """
 
     kind = "retrieval"
@@ -108,11 +133,15 @@ class Retrieval(Scorer):
                              f"lengths={list(self.lengths)}, depths={list(self.depths)}.")
 
     def compute(self, lab: Lab) -> HeadScores:
+        longest = max(int(length) for length in self.lengths)
+        lab.check_length(longest, "longest retrieval prompt")
+        lab.require_memory(pass_bytes(lab, longest, reads_pattern=True), f"retrieval at {longest} tokens",
+                           "use shorter lengths")
         samples = needles.needle_grid(lab, shape=self.needle, haystack=self.haystack, lengths=self.lengths,
                                       depths=self.depths, n=self.n, seed=self.seed)
         per_sample, correct, answers = [], [], []
         for sample in samples:
-            generated, attention = greedy_generate(lab, sample.tokens, answer_budget(lab, sample.needle.answer), keep_attention=True)
+            generated, attention = copying_generation(lab, sample.tokens, answer_budget(lab, sample.needle.answer))
             per_sample.append(sample_retrieval_score(attention, sample.tokens[0].cpu(), generated, sample.needle_start, sample.needle_end))
             correct.append(answer_is_correct(lab, generated, sample.needle.answer))
             answers.append(lab.tokenizer.decode(generated))

@@ -37,6 +37,7 @@ from headlab.activations import kl_divergence
 from headlab.datasets import requests
 from headlab.heads import Head, all_heads, format_heads, head_label
 from headlab.lab import Lab
+from headlab.longpass import eager_pass_bytes
 from headlab.scorers import Scorer, make_scorer
 from headlab.scores import HeadScores
 
@@ -119,7 +120,9 @@ class Safety(Scorer):
     ablation method; `epsilon` is passed to the methods that take one (the paper's `scaled_query`).
 
     Cost: one intact pass plus one ablated pass per head for each request (batched by the scan, the
-    intact prefix shared): time grows with n x heads x model size x request length (about 60 tokens).
+    intact prefix shared): time grows with n x heads x model size x request length (about 60 tokens); memory
+    is the scan's per-pass budget (`scan.PASS_BUDGET_BYTES`, 512 MiB of logits and scores) plus the intact pass
+    of the longest request group (`longpass.eager_pass_bytes`). Refused up front when that would not fit.
     """
 
     kind = "safety"
@@ -142,6 +145,10 @@ class Safety(Scorer):
     def compute(self, lab: Lab) -> HeadScores:
         chosen = choose_requests(self.prompts, self.n, self.seed, self.split)
         method = self.ablation()
+        groups = length_groups(lab, chosen)
+        widest = max(groups, key=lambda group: group[1].numel())[1]  # [batch, pos] tokens of the largest group
+        lab.require_memory(scan.PASS_BUDGET_BYTES + eager_pass_bytes(lab, widest.shape[1], widest.shape[0]), "safety",
+                           "use fewer or shorter requests (n, prompts)")
         per_request = ships_per_request(lab, chosen, method)
         first_tokens = []
         for index, tokens in length_groups(lab, chosen):

@@ -40,6 +40,7 @@ from headlab.activations import act_name, capturing, layer_names
 from headlab.datasets import mcqa
 from headlab.heads import Head, head_label
 from headlab.lab import Lab
+from headlab.longpass import eager_pass_bytes
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
@@ -157,9 +158,10 @@ def prompt_scores(lab: Lab, prompts: list[mcqa.Prompt], batch_size: int = 8) -> 
 class SelectCopy(Scorer):
     """Each head's test accuracy at picking the right option by its QK-score on the option labels.
 
-    Cost: one forward pass per batch of `n` prompts (about 100 tokens each), keeping the final query's
-    score row and every layer's q and k: time grows with n x model size x prompt length, memory with
-    batch x layers x prompt length x d_model.
+    Cost: one eager forward pass per batch of `n` prompts (about 100 tokens each), keeping the final query's
+    score row and every layer's q and k: time grows with n x (weights x pos + layers x heads x d_head x pos^2),
+    memory with batch x (layers x pos x d_model + heads x pos^2) (`longpass.eager_pass_bytes`). Refused up front
+    when the largest batch would not fit in free memory.
     """
 
     kind = "select_copy"
@@ -184,6 +186,9 @@ class SelectCopy(Scorer):
         if len(questions) < 2:
             raise ValueError(f"Select-and-copy scoring needs at least 2 questions (a validation and a test one); got {len(questions)}.")
         prompts = mcqa.build_prompts(lab, questions, chat=chat)
+        longest = max(len(p.tokens) for p in prompts)
+        lab.require_memory(eager_pass_bytes(lab, longest, min(batch_size, len(prompts)), 2), "select_copy",
+                           "lower batch_size")
         per_prompt = prompt_scores(lab, prompts, batch_size)
         answers = mcqa.answers_of(prompts)
         val, test = split_indices(len(prompts), val_fraction, seed)

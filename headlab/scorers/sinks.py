@@ -26,35 +26,103 @@ from dataclasses import dataclass
 
 import torch
 
-from headlab.activations import act_name, capture, layer_names
+from headlab.activations import act_name, reads_only
 from headlab.datasets import domains as domain_data
 from headlab.heads import Head, head_label
 from headlab.lab import Lab
+from headlab.longpass import pass_bytes, prefill
 from headlab.scorers import Scorer
 from headlab.scores import HeadScores
 
 REFERENCE_QUANTILE = 0.9
 
 
+class SinkSums:
+    """Running sums of one layer's per-head measures over the chunks of one batch (positions in order).
+
+    `pattern(block)` takes attention rows `[batch, head, R, K]` (the last R of K positions: a linear pass's
+    recomputed blocks, or a whole `[batch, head, pos, pos]` pattern), `z(act)` the heads' mixed values
+    `[batch, C, head, d_head]` (`hook_z`), `v(act)` value vectors `[batch, C, kv_head, d_head]` and `resid(act)` the
+    residual `[batch, C, d_model]`, each chunk after the one before. `measures()` gives the batch means.
+    """
+
+    def __init__(self, w_o: torch.Tensor, block_bytes: int = 64 << 20):
+        self.w_o = w_o.float()  # [head, d_head, d_model]
+        self.block_bytes = block_bytes  # bound on one block of head outputs [batch, P, head, d_model]
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.seen = {"z": 0, "v": 0, "resid": 0}  # positions of each activation summed so far
+
+    def _add(self, key: str, value) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def _after_first(self, kind: str, act: torch.Tensor, pos_dim: int = 1) -> torch.Tensor:
+        """`act` without position 0 (only the first chunk holds it); counts the chunk's positions."""
+        first = self.seen[kind] == 0
+        self.seen[kind] += act.shape[pos_dim]
+        return act.narrow(pos_dim, 1, act.shape[pos_dim] - 1) if first else act
+
+    def pattern(self, block: torch.Tensor) -> None:
+        rows = block[:, :, max(0, 1 - (block.shape[-1] - block.shape[-2])):, 0].float()  # queries 1.. on key 0
+        self._add("sink_mass", rows.sum(dim=(0, 2)))
+        self._add("sink_queries", rows.shape[0] * rows.shape[2])
+
+    def z(self, z: torch.Tensor) -> None:
+        z = self._after_first("z", z)
+        per_position = z.shape[0] * z.shape[2] * self.w_o.shape[-1] * 4
+        for part in z.split(max(1, self.block_bytes // per_position), dim=1):
+            out = torch.einsum("bphd,hdm->bphm", part.float(), self.w_o.to(part.device))
+            self._add("output_norm", out.norm(dim=-1).sum(dim=(0, 1)))
+        self._add("output_positions", z.shape[0] * z.shape[1])
+
+    def v(self, v: torch.Tensor) -> None:
+        norm = v.float().norm(dim=-1)  # [batch, C, kv_head]
+        if self.seen["v"] == 0:
+            self._add("value_sink", norm[:, 0].sum(0))
+            self._add("batch", norm.shape[0])
+        rest = self._after_first("v", norm)
+        self._add("value_other", rest.sum(dim=(0, 1)))
+        self._add("value_positions", rest.shape[0] * rest.shape[1])
+
+    def resid(self, resid: torch.Tensor) -> None:
+        norm = resid.float().norm(dim=-1)  # [batch, C]
+        if self.seen["resid"] == 0:
+            self._add("resid_sink", norm[:, 0].sum())
+        rest = self._after_first("resid", norm)
+        self._add("resid_other", rest.sum())
+        self._add("resid_positions", rest.numel())
+
+    def measures(self) -> dict[str, torch.Tensor]:
+        """`sink_mass`, `output_norm`, `value_ratio` `[head]` and, when the residual was given, `resid_norm_sink`,
+        `resid_norm_other` (scalars): means over the batch and positions 1.. (the sink's value over the others')."""
+        s, n_heads = self.sums, self.w_o.shape[0]
+        value_mean = s["value_other"] / s["value_positions"]
+        value_ratio = (s["value_sink"] / s["batch"]) / value_mean.clamp(min=1e-12)  # [kv_head]
+        out = {"sink_mass": s["sink_mass"] / s["sink_queries"], "output_norm": s["output_norm"] / s["output_positions"],
+               "value_ratio": value_ratio.repeat_interleave(n_heads // value_ratio.shape[0])}
+        if "resid_sink" in s:
+            out["resid_norm_sink"] = s["resid_sink"] / s["batch"]
+            out["resid_norm_other"] = s["resid_other"] / s["resid_positions"]
+        return {key: torch.as_tensor(value).cpu() for key, value in out.items()}
+
+
 def head_sink_measures(pattern: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-head measures of one layer on one batch.
+    """The per-head measures of one layer on one batch, from whole activations (`SinkSums` on one chunk).
 
     Args:
         pattern: `[batch, head, q, k]` attention.
         z: `[batch, pos, head, d_head]` the heads' mixed values (`hook_z`).
         w_o: `[head, d_head, d_model]` each head's slice of the output projection.
-        v: `[batch, pos, head, d_head]` value vectors (KV heads already repeated to query heads).
+        v: `[batch, pos, kv_head, d_head]` value vectors (KV head g serves query heads g * group ...).
     Returns:
         `sink_mass`, `output_norm`, `value_ratio`, each `[head]`: mean attention on key 0 over
         queries 1.., mean norm of the head's output over positions 1.., and the norm of the sink's
         value over the mean norm of the other positions' values.
     """
-    sink_mass = pattern[:, :, 1:, 0].float().mean(dim=(0, 2))
-    out = torch.einsum("bphd,hdm->bphm", z[:, 1:].float(), w_o.float())
-    output_norm = out.norm(dim=-1).mean(dim=(0, 1))
-    v_norm = v.float().norm(dim=-1)  # [batch, pos, head]
-    value_ratio = v_norm[:, 0].mean(0) / v_norm[:, 1:].mean(dim=(0, 1)).clamp(min=1e-12)
-    return {"sink_mass": sink_mass, "output_norm": output_norm, "value_ratio": value_ratio}
+    sums = SinkSums(w_o)
+    sums.pattern(pattern)
+    sums.z(z)
+    sums.v(v)
+    return sums.measures()
 
 
 def relative_output(output_norm: torch.Tensor, quantile: float = REFERENCE_QUANTILE) -> torch.Tensor:
@@ -101,31 +169,33 @@ def _layer_output_weights(lab: Lab, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_measures(lab: Lab, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every measure of every layer on one batch `[batch, pos]`, from one linear pass (`longpass.prefill`): read-only
+    hooks on `hook_pattern` (recomputed row blocks), `hook_z`, `hook_v` and `hook_resid_pre` keep running sums only.
+
+    Returns `sink_mass`, `output_norm`, `value_ratio` `[layer, head]`, `resid_norm_sink`, `resid_norm_other` `[layer]`.
+    """
+    layers = [SinkSums(_layer_output_weights(lab, layer)) for layer in range(lab.info.n_layers)]
+    hooks = []
+    for layer, sums in enumerate(layers):
+        for name, method in (("pattern", sums.pattern), ("z", sums.z), ("v", sums.v), ("resid_pre", sums.resid)):
+            hooks.append((act_name(name, layer), reads_only(lambda act, hook=None, method=method: method(act))))
+    with lab.model.hooks(fwd_hooks=hooks):
+        prefill(lab, tokens)
+    per_layer = [sums.measures() for sums in layers]
+    return {key: torch.stack([m[key] for m in per_layer]) for key in per_layer[0]}
+
+
 def domain_measures(lab: Lab, tokens: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Every measure on one domain's `tokens` `[n, pos]`.
+    """Every measure on one domain's `tokens` `[n, pos]`: `batch_measures` per batch, weighted by batch size.
 
     Returns `sink_mass`, `output_norm`, `value_ratio` `[layer, head]` and `resid_norm_sink`,
     `resid_norm_other` `[layer]` (mean residual norm entering the layer at position 0 / at the rest).
     """
-    info = lab.info
-    w_o = [_layer_output_weights(lab, layer) for layer in range(info.n_layers)]
     sums: dict[str, torch.Tensor] = {}
-    batches = list(tokens.split(batch_size))
-    names = layer_names(lab, "pattern", "z", "v", "resid_pre")
-    for batch in batches:
-        stash = capture(lab, batch, names)
-        layer_rows: dict[str, list[torch.Tensor]] = {}
-        for layer in range(info.n_layers):
-            v = stash[act_name("v", layer)]
-            v = v.repeat_interleave(info.n_heads // v.shape[2], dim=2)
-            measures = head_sink_measures(stash[act_name("pattern", layer)], stash[act_name("z", layer)], w_o[layer], v)
-            resid = stash[act_name("resid_pre", layer)].float().norm(dim=-1)  # [batch, pos]
-            measures["resid_norm_sink"] = resid[:, 0].mean()
-            measures["resid_norm_other"] = resid[:, 1:].mean()
-            for key, value in measures.items():
-                layer_rows.setdefault(key, []).append(value.cpu())
-        for key, rows in layer_rows.items():
-            sums[key] = sums.get(key, 0) + torch.stack(rows) * len(batch)
+    for batch in tokens.split(batch_size):
+        for key, value in batch_measures(lab, batch).items():
+            sums[key] = sums.get(key, 0) + value * len(batch)
     return {key: total / tokens.shape[0] for key, total in sums.items()}
 
 
@@ -138,8 +208,11 @@ def domain_dependence(dormancy_matrix: torch.Tensor) -> torch.Tensor:
 class Sink(Scorer):
     """Dormancy of every head on `domain`, with all measures for all `domains` (+ the user's `texts`).
 
-    Cost: one forward pass per domain over `n` texts of `seq_len` tokens, keeping every layer's pattern,
-    values and outputs: time grows with domains x n x model size x seq_len, memory with batch x layers x seq_len^2.
+    Cost: one chunked linear pass (`longpass.prefill`) per batch of `batch_size` texts of `seq_len` tokens, for
+    each domain; hooks reduce every layer's recomputed pattern rows, outputs, values and residual to running sums.
+    Time grows with domains x n x (weights x seq_len + 2 x layers x heads x d_head x seq_len^2); memory linearly
+    with batch_size x seq_len (the KV cache, one chunk, one row block: `longpass.pass_bytes`), never seq_len^2.
+    Refused up front when that exceeds free memory.
     """
 
     kind = "sink"
@@ -167,6 +240,10 @@ class Sink(Scorer):
 
     def compute(self, lab: Lab) -> HeadScores:
         names = self.names
+        lab.check_length(self.seq_len, "sink text")
+        batch = min(self.batch_size, self.n)
+        lab.require_memory(pass_bytes(lab, self.seq_len, batch, reads_pattern=True),
+                           f"sink on {batch} texts of {self.seq_len} tokens", "lower seq_len or batch_size")
         per_domain = []
         for index, name in enumerate(names):
             tokens = domain_data.domain_tokens(lab, name, self.n, self.seq_len, self.seed + 1000 * index, self.texts)

@@ -251,7 +251,9 @@ class Successor(Scorer):
             asks whether a head that mostly copies ranks the successor next).
 
     Cost: weights only, no forward pass: one `[items, d_model] x [d_model, d_head] x [d_head, d_model]` product
-    per head and an unembedding restricted to the list's items; time grows with heads x items x d_model.
+    per head and an unembedding restricted to the list's items; time grows with layers x heads x items x d_model,
+    memory with items x d_model per head (independent of any context length). Refused up front if even that
+    does not fit.
     """
 
     kind = "successor"
@@ -273,6 +275,9 @@ class Successor(Scorer):
 
     def compute(self, lab: Lab) -> HeadScores:
         task_list, dropped = ordinals.ordinal_tasks(lab.tokenizer, self.tasks, max_items=self.n)
+        items = sum(len(t.items) for t in task_list)
+        lab.require_memory(4 * 4 * items * (lab.info.d_model + lab.info.n_heads * lab.info.d_head), "successor",
+                           "score fewer lists (tasks) or fewer items (n)")
         values, per_task = succession_scores(model_parts(lab), task_list, exclude_self=self.exclude_self, **self.variant)
         chance = torch.tensor([1.0 / (len(t.items) - self.exclude_self) for t in task_list])
         return self.result(lab, values, {"per_task": per_task, "chance": chance}, meta={
