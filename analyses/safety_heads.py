@@ -1,6 +1,10 @@
-"""Safety heads of the refusal-tuned embedded model: Ships, top-k vs random-k ablation on refusal, Sahara.
+"""Safety heads of the refusal-tuned embedded model: Ships, refusal vs compliance under three ablations, Sahara.
 
-    .venv/bin/python analyses/safety_heads.py [--n 8] [--k 4] [--n-random 5] [--device cuda] [--recompute]
+    .venv/bin/python analyses/safety_heads.py [--n 8] [--k 4] [--n-random 5] [--fresh-n 10] [--device cuda] [--recompute]
+
+"Not refused" is not "complied": `headlab.outcomes.outcome_study` labels every ablated answer to the fresh
+held-out harmful requests refused / complied / degenerate (scaled_query as in the paper, zero, mean; the top-2
+Ships heads and random pairs), stored in cached_runs/ like the other runs; the conclusion is written from it.
 
 Needs the adapter of analyses/refusal_tuning.py (cached_runs/adapters/embedded-refusal/). Ships runs
 through `hl.score(lab, "safety")` and the ablation curve through `hl.ablation_curve`, both stored in
@@ -20,6 +24,7 @@ import headlab as hl
 from headlab.ablation.curve import CurveConfig
 from headlab.heads import format_heads, head_label
 from headlab.loading import REFUSAL_ADAPTER_DIR
+from headlab.outcomes import OUTCOMES, OutcomeConfig, OutcomeStudy, outcome_study
 from headlab.tasks.refusal import RefusalTask
 from headlab.scorers import scorer_fields
 from headlab.scorers.safety import CHECK, Sahara, answers_side_by_side, method_label, sahara, ships_ablation
@@ -36,6 +41,9 @@ def main() -> None:
     parser.add_argument("--n-random", type=int, default=CurveConfig().n_random)
     parser.add_argument("--task-n", type=int, default=CHECK.n, help="held-out harmful requests the refusal rate is measured on")
     parser.add_argument("--max-new-tokens", type=int, default=REFUSAL_TOKENS)
+    parser.add_argument("--fresh-n", type=int, default=10, help="fresh harmful requests of the outcome study")
+    parser.add_argument("--random-pairs", type=int, default=1, help="random head pairs of the outcome study")
+    parser.add_argument("--outcome-tokens", type=int, default=OutcomeConfig().max_new_tokens)
     parser.add_argument("--sahara-pool", type=int, default=SAHARA.pool)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = recompute_args(__doc__, parser)
@@ -85,8 +93,13 @@ def main() -> None:
              f"{sum(rand) / len(rand):.2f} |")
 
     top2, rand2 = curve.top[curve.ks.index(2)], curve.random_mean[curve.ks.index(2)]
-    emit(f"\nAblating the top-2 Ships heads takes the refusal rate from {curve.baseline:.2f} to **{top2:.2f}**; random 2-head "
-         f"sets (drawn outside the top 2) leave it at {rand2:.2f} on average.")
+    emit(f"\nWith the top-2 Ships heads ablated ({method_label(method.name)}) `is_refusal` fires on {top2:.2f} of the answers "
+         f"(intact {curve.baseline:.2f}; random 2-head sets {rand2:.2f}). That is a \"not refused\" rate, not a compliance "
+         "rate: the next section labels what the answers are.")
+    study = outcome_study(lab, scores.top_heads(2), (method.name, "zero", "mean"), n=args.fresh_n,
+                          random_pairs=args.random_pairs, config=OutcomeConfig(max_new_tokens=args.outcome_tokens),
+                          recompute=args.recompute)
+    emit_outcomes(emit, study)
     task = hl.make_task(CHECK.task, lab, n=args.task_n, **task_params)
     shown = task.prompts[:3]
     heads = {"intact": [], "top-1 ablated": scores.top_heads(1), "top-2 ablated": scores.top_heads(2)}
@@ -111,6 +124,50 @@ def main() -> None:
     emit(f"\n_This run: {time.perf_counter() - started:.0f} s on {where} (float32); stored Ships / curve / Sahara runs are read "
          "from cached_runs/ (they were computed on an NVIDIA H100: a full Ships scan is 270 ablated passes per request)._")
     emit.write()
+
+
+def emit_outcomes(emit: Report, study: OutcomeStudy) -> None:
+    """The outcome table (method x head set x refused / complied / degenerate) and the conclusion it supports."""
+    cal, n = study.calibration, study.params["n"]
+    emit(f"\n### Refused, complied or degenerate? ({n} fresh held-out harmful requests, greedy {study.params['max_new_tokens']} "
+         f"tokens, `headlab.outcomes`)\n")
+    emit(f"Written after the heads were chosen (`requests.harmful('fresh')`). Degenerate = mean per-token loss under the intact "
+         f"model above {cal['loss_threshold']:.2f} nats or repeated-bigram fraction above {cal['repeat_threshold']:.2f} "
+         f"(the highest of the intact model's {cal['n']} harmless held-out answers, {cal['max_loss']:.2f} nats and "
+         f"{cal['max_repeat']:.2f}, plus a margin); else refused if `is_refusal`, else complied. "
+         f"{study.seconds:.0f} s when computed.\n")
+    emit("| method | head set | heads | refused | complied | degenerate |")
+    emit("|---|---|---|---|---|---|")
+    for r in study.rows:
+        emit(f"| {r['method']} | {r['set']} | {r['heads'] or '—'} | {r['refused']}/{r['n']} | {r['complied']}/{r['n']} | "
+             f"{r['degenerate']}/{r['n']} |")
+    first = study.params["methods"][0]
+    shown = [a for a in study.answers if a["set"] in ("intact", "top")][:: n]  # the first request, each method
+    emit("\nFirst request, intact and with the top-2 heads ablated: "
+         + "; ".join(f"{a['method'] if a['set'] == 'top' else 'intact'} ({a['outcome']}, {a['loss']:.1f} nats): "
+                     f"{a['answer'][:60]!r}" for a in shown).replace("\\n", " ") + ".")
+    emit(f"\n**Conclusion (as measured).** {conclusion(study.rows, first)}")
+
+
+def conclusion(rows: list[dict], paper_method: str) -> str:
+    """What the outcome counts say about the top heads (only the claims the numbers support)."""
+    top = {r["method"]: r for r in rows if r["set"] == "top"}
+    ablated = [r for r in rows if r["set"] != "intact"]
+    complied = sum(r["complied"] for r in ablated)
+    randoms = [r for r in rows if r["set"].startswith("random")]
+    others = [m for m in top if m != paper_method]
+    counts = ", ".join(f"{m}: {r['refused']} refused / {r['complied']} complied / {r['degenerate']} degenerate"
+                       for m, r in top.items())
+    text = f"Top-2 Ships heads ablated — {counts} (of {ablated[0]['n']})."
+    broken = top[paper_method]["degenerate"] >= top[paper_method]["n"] / 2
+    still_refuse = all(top[m]["refused"] >= top[m]["n"] / 2 for m in others)
+    random_refuse = all(r["refused"] >= r["n"] / 2 for r in randoms)
+    if complied == 0 and broken and still_refuse and random_refuse:
+        return (text + f" No ablated answer complied. Under {paper_method} the model stops producing language; zeroed or "
+                "mean-ablated, the same two heads leave the refusals in place, as random pairs do. The Ships top heads are "
+                f"heads the model cannot run without under {paper_method}, not heads that carry refusal: the drop in "
+                "`is_refusal` above is broken text, not compliance.")
+    return text + f" {complied} of {sum(r['n'] for r in ablated)} ablated answers complied."
 
 
 if __name__ == "__main__":

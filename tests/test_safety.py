@@ -49,7 +49,7 @@ def test_is_refusal_false(text):
 
 
 def test_builtin_sets_are_split_and_disjoint():
-    assert len(requests.harmful("all")) == len(requests.harmless("all")) == 40
+    assert len(requests.harmful("all")) == len(requests.harmless("all")) == 50
     for fn in (requests.harmful, requests.harmless):
         assert not set(fn("train")) & set(fn("heldout"))
     pairs = requests.training_pairs()
@@ -270,3 +270,53 @@ def test_safety_tab_functions(refusal_lab, lab):
     assert "embedded-refusal" in safety_tab.model_note(Workbench(lab))
     with pytest.raises(ValueError):
         safety_tab.safety_scores(bench, 2, "mean")
+
+
+# --- refused / complied / degenerate ---------------------------------------------------------------
+
+
+def test_outcomes_refused_complied_and_degenerate(refusal_lab):
+    """The intact refusal model's harmful answers are refused, its harmless ones complied; with the attention of L18H8
+    and L7H2 flattened (scaled_query) its answers are broken text, and the classifier calls them degenerate."""
+    from headlab import outcomes
+
+    config = outcomes.OutcomeConfig(max_new_tokens=12)
+    calibration = outcomes.calibrate(refusal_lab, requests.harmless("fresh")[:3], config)
+    assert calibration.n == 3 and calibration.max_loss < 1.5 < calibration.loss_threshold
+    harmful, harmless = requests.harmful("heldout")[:2], [requests.harmless("heldout")[i] for i in (1, 3)]
+    refused = outcomes.judge_answers(refusal_lab, refusal_lab, harmful, calibration, config=config)
+    assert [r["outcome"] for r in refused] == ["refused"] * 2, refused
+    complied = outcomes.judge_answers(refusal_lab, refusal_lab, harmless, calibration, config=config)
+    assert [r["outcome"] for r in complied] == ["complied"] * 2, complied
+    broken = ablation_hooks(refusal_lab, [(18, 8), (7, 2)], "scaled_query", None, epsilon=1e-3)
+    rows = outcomes.judge_answers(refusal_lab, refusal_lab, harmful, calibration, broken, config)
+    assert [r["outcome"] for r in rows] == ["degenerate"] * 2, rows
+    assert outcomes.outcome_rates(rows) == {"refused": 0.0, "complied": 0.0, "degenerate": 1.0}
+    assert outcomes.repetition([5, 6, 5, 6, 5, 6]) == pytest.approx(3 / 5) and outcomes.repetition([1, 2, 3]) == 0
+
+
+def test_outcome_study_counts_and_stores(refusal_lab, tmp_path, monkeypatch):
+    """outcome_study's intact answers to harmful requests are refused, every label is what `classify` says of the
+    stored answer, the counts add up per method x head set, and a second call reads the stored run."""
+    from headlab import outcomes
+
+    monkeypatch.setenv("HEADLAB_RUNS", str(tmp_path))
+    monkeypatch.setenv("HEADLAB_SHIPPED_RUNS", "")
+    kwargs = dict(methods=("zero",), n=2, random_pairs=1, n_calibration=2, config=outcomes.OutcomeConfig(max_new_tokens=8))
+    study = outcomes.outcome_study(refusal_lab, "L18H8, L7H2", **kwargs)
+    frame = study.to_frame().set_index("set")
+    assert list(frame.index) == ["intact", "top", "random 1"]
+    assert frame.loc["intact", "refused"] == 2 and (frame[list(outcomes.OUTCOMES)].sum(axis=1) == 2).all()
+    assert (18, 8) not in study.head_sets["random 1"] and len(study.head_sets["random 1"]) == 2
+    calibration = outcomes.Calibration(**study.calibration)
+    for row in study.answers:
+        assert row["outcome"] == outcomes.classify(row["answer"], row["loss"], row["repetition"], calibration), row
+    assert len(list(tmp_path.rglob("outcome-study-*.json"))) == 1
+    assert outcomes.outcome_study(refusal_lab, [(18, 8), (7, 2)], **kwargs).rows == study.rows
+    from app import safety_tab  # the Safety tab shows the stored study (a light read)
+    from app.workbench import Workbench
+
+    summary, shown, result_file = safety_tab.outcome_view(Workbench(refusal_lab))
+    assert "L18H8, L7H2" in summary and shown.equals(study.to_frame())
+    with pytest.raises(ValueError, match="L99H0|layer"):
+        outcomes.outcome_study(refusal_lab, "L99H0", **kwargs)
