@@ -4,7 +4,8 @@
 
 Every score kind with its default parameters, the top-k vs random-k ablation curve of the
 induction score with the curve defaults (`CurveConfig()`: the Ablate tab's first view), and the
-retrieval curve of the default retrieval run (`RETRIEVAL_CURVE`: the Retrieval tab's).
+retrieval curve of the default retrieval run (`RETRIEVAL_CURVE`: the Retrieval tab's) and its accuracy grid
+(top-`ABLATE_K` heads ablated, `app.needle_grid`: the tab's "Accuracy intact vs ablated" with the defaults).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 
 import headlab as hl
 from headlab.heads import head_label
-from headlab.scorers.retrieval import retrieval_curve
+from app.needle_grid import needle_grid  # the Retrieval tab's accuracy grid, stored
+from headlab.ablation.methods import DEFAULT_METHOD
+from headlab.scorers.retrieval import ABLATE_K, retrieval_curve
 from report import recompute_args  # analyses/report.py
 
 CURVE_KIND = "induction"  # the score kind the app opens on
@@ -29,6 +32,7 @@ def main() -> None:
     for name, make_curve in [
         ("ablation curve", lambda: hl.ablation_curve(lab, hl.score(lab, CURVE_KIND), recompute=args.recompute)),
         ("retrieval curve", lambda: retrieval_curve(lab, hl.score(lab, "retrieval"), recompute=args.recompute)),
+        ("retrieval grid", lambda: needle_grid(lab, hl.score(lab, "retrieval"), ABLATE_K, DEFAULT_METHOD, args.recompute)[0]),
     ]:
         started = time.perf_counter()
         curve = make_curve()

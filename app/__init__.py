@@ -5,6 +5,10 @@ The app is a view: each tab reads its form defaults from the library's definitio
 the result's own `summary()`, `to_frame()` and `figure()`. Nothing here ranks, samples or tabulates.
 
 Modules: `main` (Blocks and launch), one module per tab (`*_tab`, each a layout function and a wiring
-function), `workbench` (the current model and its stored runs, no gradio), `inputs` (parsing what users
-type), `feedback` (exceptions to `gr.Error`, progress to `gr.Progress`, the clicked table row).
+function, and a `first_view` that fills the tab from stored results), `pool` (the shared models, one copy per name,
+least recently used unloaded under a memory budget), `workbench` (each visitor's model, the running job's progress
+and Cancel, stored runs; no gradio), `feedback` (handlers bound to the visitor's model, errors to `gr.Error`, the job
+and read event groups), `views` (tables with CSV downloads, self-contained JSON downloads, linked per-head heatmaps:
+a cell or row outlines a head and says what it holds), `page` (the browser side: heatmap clicks, the address bar,
+stale results, the glossary), `needle_grid` (the Retrieval grid as a stored run), `inputs` (parsing what users type).
 """

@@ -10,17 +10,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import gradio as gr
+import pandas as pd
 
 import headlab as hl
 from app.atlas_tab import MAX_N, AtlasTab, run_params
-from app.feedback import progress_to, shows_errors
+from app.feedback import READ_EVENT, progress_to, reads_store, shows_errors
 from app.inputs import check_count, format_heads, parse_heads, parse_ks
 from app.workbench import Workbench
+from app.views import result_json, table
 from headlab.ablation import METHODS, method_fields
-from headlab.ablation.curve import DEFAULTS
+from headlab.ablation.curve import DEFAULTS, AblationCurve
 from headlab.ablation.methods import DEFAULT_METHOD
 
 DEFAULT_HEADS = [(18, 6), (17, 3)]  # two induction heads of the embedded model
+RESULT_COLUMNS = ["task", "method", "heads", "intact", "ablated", "damage"]  # AblationResult.to_frame's
+CURVE_COLUMNS = ["k", "top_k", "random_mean", "random_std", "random_min", "random_max", "baseline"]  # AblationCurve.to_frame's
+SET_COLUMNS = ["k", "set", "heads", "value"]  # AblationCurve.sets_frame's
 DEFAULT_K = 4
 MAX_N_RANDOM = 50
 MethodField = tuple[str, str]  # (method name, parameter name)
@@ -87,6 +92,17 @@ class AblateTab:
     curve_status: gr.Markdown
     curve_plot: gr.Plot
     curve_table: gr.Dataframe
+    curve_sets: gr.Dataframe
+    curve_download: gr.DownloadButton
+    first_view: Callable | None = None  # set by the wiring: the stored curve of the chosen kind and the form's heads
+
+    @property
+    def first_inputs(self) -> list:
+        return [self.kind]
+
+    @property
+    def first_outputs(self) -> list:
+        return [self.curve_plot, self.curve_table, self.curve_status, self.curve_sets, self.curve_download, self.summary]
 
 
 def layout_method_fields() -> list[gr.Number]:
@@ -121,7 +137,7 @@ def layout_ablate_form(atlas: AtlasTab) -> dict:
     with gr.Row():
         numbers = layout_method_fields()
     summary = gr.Markdown(label="ablation summary", elem_id="ablate-summary")
-    result = gr.Dataframe(label="Metric intact vs ablated", interactive=False, elem_id="ablate-result")
+    result = table(pd.DataFrame(columns=RESULT_COLUMNS), label="Metric intact vs ablated", elem_id="ablate-result")
     return dict(heads=heads, kind=kind, k=k, fill_button=fill_button, task=task, method=method, task_n=task_n,
                 method_fields=numbers, ablate_button=ablate_button, summary=summary, result=result)
 
@@ -135,12 +151,14 @@ def layout_curve_section() -> dict:
         curve_button = gr.Button("Run top-k vs random-k", variant="primary", elem_id="curve-run")
     curve_status = gr.Markdown(label="curve summary", elem_id="curve-status")
     with gr.Row():
-        with gr.Column(scale=3):
+        with gr.Column(scale=1):
             curve_plot = gr.Plot(label="Ablation curve", elem_id="curve-plot")
-        with gr.Column(scale=2):
-            curve_table = gr.Dataframe(label="Curve values", interactive=False, elem_id="curve-table")
+        with gr.Column(scale=1):
+            curve_table = table(pd.DataFrame(columns=CURVE_COLUMNS), label="Curve values", elem_id="curve-table")
+    curve_sets = table(pd.DataFrame(columns=SET_COLUMNS), label="Every head set ablated (top-k and each random set)", elem_id="curve-sets")
+    curve_download = gr.DownloadButton("⬇ JSON of this curve", size="sm", elem_id="curve-json")
     return dict(ks=ks, n_random=n_random, curve_button=curve_button, curve_status=curve_status,
-                curve_plot=curve_plot, curve_table=curve_table)
+                curve_plot=curve_plot, curve_table=curve_table, curve_sets=curve_sets, curve_download=curve_download)
 
 
 def layout(atlas: AtlasTab) -> AblateTab:
@@ -167,7 +185,18 @@ def curve_view(bench: Workbench, kind: str, score_n: float, score_seed: float, t
     scores = hl.score(bench.lab, kind, **run_params(kind, score_n, score_seed))
     curve = hl.ablation_curve(bench.lab, scores, task=task, ks=ks, method=method, n_random=n_random, n=n,
                               method_params=params, progress=progress)
-    return curve.figure(), curve.to_frame().round(4), curve.summary()
+    return curve.figure(), curve.to_frame(), curve.summary(), curve.sets_frame(), result_json(curve, "ablation-curve")
+
+
+def stored_curve_view(bench: Workbench, kind: str) -> tuple:
+    """(figure, table, summary, sets, ablation hint) of the newest stored top-k vs random-k curve of `kind`, computing nothing."""
+    hint = "Press **Ablate** to ablate the heads above on the task (seconds)."
+    path = bench.newest_run("ablation_curve", kind)
+    if path is None:
+        empty = pd.DataFrame(columns=CURVE_COLUMNS), f"No stored **{kind}** curve for {bench.info.name}: press **Run top-k vs random-k**."
+        return None, *empty, pd.DataFrame(columns=SET_COLUMNS), None, hint
+    curve = AblationCurve.load(path)
+    return curve.figure(), curve.to_frame(), f"{curve.summary()} (stored run)", curve.sets_frame(), result_json(curve, "ablation-curve"), hint
 
 
 def wire(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str) -> AblateTab:
@@ -195,8 +224,11 @@ def wire(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str)
     tab.curve_button.click(
         takes_method_fields(ablation_curve, curve_fixed),
         inputs=[tab.kind, atlas.n, atlas.seed, tab.task, tab.ks, tab.method, tab.n_random, tab.task_n, *tab.method_fields],
-        outputs=[tab.curve_plot, tab.curve_table, tab.curve_status], api_name="ablation_curve", **lab_job,
+        outputs=[tab.curve_plot, tab.curve_table, tab.curve_status, tab.curve_sets, tab.curve_download], api_name="ablation_curve", **lab_job,
     )
+    tab.kind.input(reads_store(lambda kind: stored_curve_view(bench, kind)[:-1]), inputs=[tab.kind], api_visibility="private",
+                   outputs=[tab.curve_plot, tab.curve_table, tab.curve_status, tab.curve_sets, tab.curve_download], **READ_EVENT)
+    tab.first_view = lambda kind: stored_curve_view(bench, kind)  # bound to the visitor by main's reads_store
     return tab
 
 

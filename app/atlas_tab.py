@@ -4,7 +4,6 @@ Scores come from `hl.stored` / `hl.score`, the table from `HeadScores.top_frame`
 `HeadScores.heatmap` and the pattern from `headlab.viz.head_pattern_view`: this module only lays out
 the form and wires it.
 """
-import html
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -13,10 +12,12 @@ import gradio as gr
 import pandas as pd
 
 import headlab as hl
-from app.feedback import progress_to, selected_row, shows_errors
+from app.feedback import READ_EVENT, progress_to, reads_store, shows_errors
 from app.inputs import check_count, parse_head
+from app.page import set_param_js
+from app.views import clickable_heatmap, head_details, highlighted, json_button, link_heads, result_json, table
 from app.workbench import Workbench
-from headlab.heads import head_label
+from headlab.heads import Head, head_label
 from headlab.scorers import scorer_fields
 from headlab.viz import head_pattern_view
 
@@ -38,20 +39,32 @@ class AtlasTab:
     score_button: gr.Button
     status: gr.Markdown
     heatmap: gr.Plot
+    clicked: gr.Textbox  # hidden: the heatmap cell the visitor clicked (`app.page`)
     top: gr.Dataframe
     prompt: gr.Textbox
     head: gr.Textbox
     show_button: gr.Button
+    details: gr.Markdown
     pattern: gr.HTML
-    show_stored: Callable | None = None  # handler set by the wiring: the stored run of the chosen kind, computing nothing
+    download: gr.DownloadButton
+    first_view: Callable | None = None  # set by the wiring: the stored run of the chosen kind, computing nothing
+    first_then: dict | None = None  # the pattern view that follows it
+
+    @property
+    def first_inputs(self) -> list:
+        return [self.kind, self.n, self.seed]
+
+    @property
+    def first_outputs(self) -> list:
+        return [self.kind, self.heatmap, self.top, self.status, self.n, self.seed, self.head, self.details, self.download]
 
     @property
     def stored_inputs(self) -> list:
-        return [self.kind, self.n, self.seed, self.prompt]
+        return self.first_inputs
 
     @property
     def stored_outputs(self) -> list:
-        return [self.heatmap, self.top, self.status, self.n, self.seed, self.head, self.pattern]
+        return self.first_outputs
 
 
 def run_params(kind: str, n: float | None, seed: float | None) -> dict:
@@ -78,14 +91,11 @@ def atlas_scores(bench: Workbench, kind: str, params: dict, recompute: bool, pro
     return scores, f"computed in {time.perf_counter() - started:.1f} s"
 
 
-def atlas_view(scores: hl.HeadScores, source: str) -> tuple:
-    """(heatmap, top table, summary, best head) of a run."""
-    best = head_label(*scores.top_heads(1)[0])
-    return scores.heatmap(), scores.top_frame(TOP_K), f"{scores.summary()} Scores {source}.", best
-
-
-def _error_html(message: str) -> str:
-    return f"<p style='color:#b91c1c'>{html.escape(message)}</p>"
+def atlas_view(scores: hl.HeadScores, source: str, head: Head | None = None) -> tuple:
+    """(heatmap with `head` outlined, top table, summary, head, details) of a run; `head` defaults to the best."""
+    head = head or tuple(scores.top_heads(1)[0])
+    return (highlighted(scores.heatmap(), head), scores.top_frame(TOP_K), f"{scores.summary()} Scores {source}.",
+            head_label(*head), head_details(scores.values, head, scores.kind), result_json(scores, f"{scores.kind}-scores"))
 
 
 def layout() -> AtlasTab:
@@ -97,32 +107,38 @@ def layout() -> AtlasTab:
         seed = gr.Number(fields["seed"], precision=0, label="seed", elem_id="atlas-seed")
         recompute = gr.Checkbox(False, label="recompute (ignore stored runs)", elem_id="atlas-recompute")
         score_button = gr.Button("Score", variant="primary", elem_id="atlas-score")
-    status = gr.Markdown("Choose a kind and press **Score**.", label="atlas summary", elem_id="atlas-status")
+    status = gr.Markdown("Reading the stored run…", label="atlas summary", elem_id="atlas-status")
     with gr.Row():
-        with gr.Column(scale=3):
-            heatmap = gr.Plot(label="Score of every head", elem_id="atlas-heatmap")
         with gr.Column(scale=2):
-            top = gr.Dataframe(
-                pd.DataFrame(columns=["rank", "head", DEFAULT_KIND]), label=f"Top {TOP_K} heads — click a row to view its pattern",
-                interactive=False, elem_id="atlas-top",
+            heatmap, clicked = clickable_heatmap("Score of every head", "atlas-heatmap")
+            top = table(
+                pd.DataFrame(columns=["rank", "head", DEFAULT_KIND]), label=f"Top {TOP_K} heads — click a row",
+                elem_id="atlas-top",
             )
-    gr.Markdown("### Attention pattern\nThe chosen head is shown first; the other heads of its layer follow.")
-    with gr.Row():
-        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, scale=4, elem_id="atlas-prompt")
-        head = gr.Textbox(head_label(0, 0), label="head (L18H6 or 18.6)", scale=1, elem_id="atlas-head")
-        show_button = gr.Button("Show pattern", scale=1, elem_id="atlas-show")
-    pattern = gr.HTML(label="attention pattern", elem_id="atlas-pattern")
+            download = json_button("atlas-json")
+        with gr.Column(scale=3):
+            with gr.Row():
+                head = gr.Textbox(head_label(0, 0), label="head (L18H6 or 18.6)", scale=1, elem_id="atlas-head")
+                show_button = gr.Button("Show pattern", scale=1, elem_id="atlas-show")
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, elem_id="atlas-prompt")
+            details = gr.Markdown(elem_id="atlas-details")
+            pattern = gr.HTML(label="attention pattern", elem_id="atlas-pattern")
     return AtlasTab(kind=kind, n=n, seed=seed, recompute=recompute, score_button=score_button, status=status,
-                    heatmap=heatmap, top=top, prompt=prompt, head=head, show_button=show_button, pattern=pattern)
+                    heatmap=heatmap, clicked=clicked, top=top, prompt=prompt, head=head, show_button=show_button,
+                    details=details, pattern=pattern, download=download)
 
 
-def picked_head(table: pd.DataFrame, evt: gr.SelectData):
-    """The `head` cell of the clicked row (skip for a header or an empty table)."""
-    row = selected_row(table, evt)
-    return gr.skip() if row is None else str(row["head"])
+def url_choice(request: gr.Request | None, kind: str) -> tuple[str, str | None]:
+    """The score kind and head the page's address asks for (`?kind=induction&head=L18H6`), else `kind` and None."""
+    query = dict(request.query_params) if request is not None else {}
+    asked = query.get("kind")
+    return (asked if asked in hl.kinds() else kind), query.get("head")
 
 
 def wire(tab: AtlasTab, bench: Workbench, concurrency_id: str) -> AtlasTab:
+    def stored_run(kind: str, n: float, seed: float) -> hl.HeadScores | None:
+        return bench.stored_scores(kind, newest=True, **run_params(kind, n, seed))
+
     @shows_errors
     def score(kind: str, n: float, seed: float, recompute: bool, progress=gr.Progress()) -> tuple:
         return atlas_view(*atlas_scores(bench, kind, run_params(kind, n, seed), recompute, progress_to(progress)))
@@ -131,33 +147,32 @@ def wire(tab: AtlasTab, bench: Workbench, concurrency_id: str) -> AtlasTab:
     def show_pattern(prompt: str, head_text: str) -> str:
         return head_pattern_view(bench.lab, prompt, *parse_head(head_text, bench.info))
 
-    @shows_errors
-    def show_stored(kind: str, n: float, seed: float, prompt: str) -> tuple:
-        scores = bench.stored_scores(kind, newest=True, **run_params(kind, n, seed))
+    @reads_store
+    def first_view(kind: str, n: float, seed: float, request: gr.Request) -> tuple:
+        kind, head_text = url_choice(request, kind)
+        scores = stored_run(kind, n, seed)
         if scores is None:
             message = f"No stored **{kind}** run for {bench.info.name} yet: press **Score** to compute it."
-            return None, pd.DataFrame(columns=["rank", "head", kind]), message, gr.skip(), gr.skip(), gr.skip(), ""
-        plot, table, summary, best = atlas_view(scores, "read from the store")
-        try:
-            view = head_pattern_view(bench.lab, prompt, *scores.top_heads(1)[0])
-        except ValueError as err:
-            view = _error_html(str(err))
-        params = scores.params
-        return plot, table, summary, params.get("n", n), params.get("seed", seed), best, view
+            return kind, None, pd.DataFrame(columns=["rank", "head", kind]), message, n, seed, head_label(0, 0), "", None
+        head = parse_head(head_text, bench.info) if head_text else None
+        plot, table, summary, best, details, download = atlas_view(scores, "read from the store", head)
+        return kind, plot, table, summary, scores.params.get("n", n), scores.params.get("seed", seed), best, details, download
 
-    lab_job = {"concurrency_id": concurrency_id}
-    show_event = dict(fn=show_pattern, inputs=[tab.prompt, tab.head], outputs=[tab.pattern], **lab_job)
+    show_event = dict(fn=show_pattern, inputs=[tab.prompt, tab.head], outputs=[tab.pattern], **READ_EVENT)
     tab.score_button.click(
-        score, inputs=[tab.kind, tab.n, tab.seed, tab.recompute], outputs=[tab.heatmap, tab.top, tab.status, tab.head],
-        api_name="score", **lab_job,
+        score, inputs=[tab.kind, tab.n, tab.seed, tab.recompute],
+        outputs=[tab.heatmap, tab.top, tab.status, tab.head, tab.details, tab.download],
+        api_name="score", concurrency_id=concurrency_id,
     ).success(api_visibility="private", **show_event)
     tab.show_button.click(api_name="pattern", **show_event)
     tab.prompt.submit(api_visibility="private", **show_event)
-    tab.top.select(picked_head, inputs=[tab.top], outputs=[tab.head], api_visibility="private").success(
-        api_visibility="private", **show_event
-    )
-    tab.show_stored = show_stored
-    tab.kind.input(show_stored, inputs=tab.stored_inputs, outputs=tab.stored_outputs, api_visibility="private", **lab_job)
+    link_heads(tab.heatmap, tab.clicked, tab.head, tab.details, tables=[tab.top], then=[show_event], api_name="focus_head")
+    tab.head.change(None, inputs=[tab.head], js=set_param_js("head"))
+    tab.kind.change(None, inputs=[tab.kind], js=set_param_js("kind"))
+    tab.first_view = first_view
+    tab.first_then = show_event
+    tab.kind.input(first_view, inputs=tab.first_inputs, outputs=tab.first_outputs, api_name="stored_atlas", **READ_EVENT).success(
+        api_visibility="private", **show_event)
     return tab
 
 

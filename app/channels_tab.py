@@ -11,6 +11,7 @@
 A view only: maps, reports and experiments come from `headlab.circuits`.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
 import pandas as pd
@@ -19,9 +20,10 @@ import headlab as hl
 from app.feedback import progress_to, selected_row, shows_errors
 from app.inputs import check_count
 from app.workbench import Workbench
+from app.views import json_button, result_json, table
 from headlab.circuits import CompositionMap, composition_map
 from headlab.circuits.composition import stored_map
-from headlab.circuits.intervention import DEFAULTS
+from headlab.circuits.intervention import DEFAULTS, ChannelExperiment
 from headlab.heads import Head, format_heads, head_label, parse_heads
 
 KINDS = {"K-composition (sender → receiver's keys)": "k", "Q-composition (→ queries)": "q", "V-composition (→ values)": "v"}
@@ -40,6 +42,7 @@ class ChannelsTab:
     map_status: gr.Markdown
     heatmap: gr.Plot
     pairs: gr.Dataframe
+    map_json: gr.DownloadButton
     sender: gr.Textbox
     receivers: gr.Textbox
     fill_button: gr.Button
@@ -49,6 +52,7 @@ class ChannelsTab:
     shares: gr.Plot
     directions: gr.Dataframe
     tokens: gr.Dataframe
+    pair_json: gr.DownloadButton
     task: gr.Dropdown
     task_n: gr.Number
     n_random: gr.Number
@@ -57,6 +61,20 @@ class ChannelsTab:
     experiment_summary: gr.Markdown
     experiment_plot: gr.Plot
     experiment_table: gr.Dataframe
+    experiment_json: gr.DownloadButton
+    first_view: Callable | None = None  # set by the wiring: the stored map, pair and channel experiment
+
+    @property
+    def first_outputs(self) -> list:
+        return [*self.map_outputs, self.sender, self.receivers, *self.experiment_outputs]
+
+    @property
+    def map_outputs(self) -> list:
+        return [self.heatmap, self.pairs, self.map_status, self.map_json]
+
+    @property
+    def experiment_outputs(self) -> list:
+        return [self.experiment_summary, self.experiment_plot, self.experiment_table, self.experiment_json]
 
 
 def layer_range(bench: Workbench, low: float, high: float) -> tuple[int, int]:
@@ -126,10 +144,12 @@ def map_layout(bench: Workbench) -> dict:
     )
     with gr.Row():
         heatmap = gr.Plot(initial.heatmap() if initial else None, label="sender × receiver composition", elem_id="channels-heatmap", scale=3)
-        pairs = gr.Dataframe(initial.to_frame(TOP_PAIRS) if initial else None, label=f"Top {TOP_PAIRS} pairs — click a row to analyse it",
-                             interactive=False, elem_id="channels-pairs", scale=2)
+        with gr.Column(scale=2):
+            pairs = table(initial.to_frame(TOP_PAIRS) if initial else None, label=f"Top {TOP_PAIRS} pairs — click a row to analyse it",
+                          interactive=False, elem_id="channels-pairs")
+            map_json = json_button("channels-map-json", "⬇ JSON of this map")
     return dict(kind=kind, layer_low=layer_low, layer_high=layer_high, map_button=map_button, map_status=map_status,
-                heatmap=heatmap, pairs=pairs)
+                heatmap=heatmap, pairs=pairs, map_json=map_json)
 
 
 def pair_layout(bench: Workbench) -> dict:
@@ -147,10 +167,12 @@ def pair_layout(bench: Workbench) -> dict:
         spectrum = gr.Plot(label="spectrum and composition per direction", elem_id="channels-spectrum")
         shares = gr.Plot(label="cumulative share of the composition", elem_id="channels-shares")
     with gr.Row():
-        directions = gr.Dataframe(label="directions by share of the composition", interactive=False, elem_id="channels-directions")
-        tokens = gr.Dataframe(label="tokens at both ends of the top directions", interactive=False, elem_id="channels-tokens")
+        directions = table(label="directions by share of the composition", interactive=False, elem_id="channels-directions")
+        tokens = table(label="tokens at both ends of the top directions", interactive=False, elem_id="channels-tokens")
+    pair_json = json_button("channels-pair-json", "⬇ JSON of this pair")
     return dict(sender=sender, receivers=receivers, fill_button=fill_button, pair_button=pair_button,
-                pair_summary=pair_summary, spectrum=spectrum, shares=shares, directions=directions, tokens=tokens)
+                pair_summary=pair_summary, spectrum=spectrum, shares=shares, directions=directions, tokens=tokens,
+                pair_json=pair_json)
 
 
 def experiment_layout() -> dict:
@@ -170,9 +192,12 @@ def experiment_layout() -> dict:
     experiment_summary = gr.Markdown(elem_id="channels-experiment-summary")
     with gr.Row():
         experiment_plot = gr.Plot(label="channel removal vs controls", elem_id="channels-experiment-plot", scale=3)
-        experiment_table = gr.Dataframe(label="per rank", interactive=False, elem_id="channels-experiment-table", scale=2)
+        with gr.Column(scale=2):
+            experiment_table = table(label="per rank", interactive=False, elem_id="channels-experiment-table")
+            experiment_json = json_button("channels-experiment-json", "⬇ JSON of this experiment")
     return dict(task=task, task_n=task_n, n_random=n_random, ranks=ranks, experiment_button=experiment_button,
-                experiment_summary=experiment_summary, experiment_plot=experiment_plot, experiment_table=experiment_table)
+                experiment_summary=experiment_summary, experiment_plot=experiment_plot, experiment_table=experiment_table,
+                experiment_json=experiment_json)
 
 
 def layout(bench: Workbench) -> ChannelsTab:
@@ -193,7 +218,8 @@ def wire(tab: ChannelsTab, bench: Workbench, concurrency_id: str) -> None:
         layers = layer_range(bench, low, high)
         stored = stored_map(bench.lab, KINDS[kind_label])
         cmap = stored or composition_map(bench.lab, KINDS[kind_label], progress=progress_to(progress))
-        return cmap.heatmap(layers), cmap.to_frame(TOP_PAIRS, layers), map_summary(cmap, layers, "stored run" if stored else "computed")
+        return (cmap.heatmap(layers), cmap.to_frame(TOP_PAIRS, layers), map_summary(cmap, layers, "stored run" if stored else "computed"),
+                result_json(cmap, f"composition-{cmap.kind}"))
 
     @shows_errors
     def fill_pair(progress=gr.Progress()) -> tuple[str, str]:
@@ -206,7 +232,8 @@ def wire(tab: ChannelsTab, bench: Workbench, concurrency_id: str) -> None:
         progress(0.2, desc="SVD of the receiver side and token readouts")
         report = hl.channels(bench.lab, sender, receivers, KINDS[kind_label])
         frame = report.to_frame().head(DIRECTION_ROWS)
-        return report.summary(), report.spectrum_figure(), report.share_figure(), frame, report.tokens_frame()
+        return (report.summary(), report.spectrum_figure(), report.share_figure(), frame, report.tokens_frame(),
+                result_json(report, "channel-report"))
 
     @shows_errors
     def run_experiment(kind_label: str, sender_text: str, receivers_text: str, task_name: str, n: float, n_random: float,
@@ -215,23 +242,36 @@ def wire(tab: ChannelsTab, bench: Workbench, concurrency_id: str) -> None:
         report = hl.channels(bench.lab, sender, receivers, KINDS[kind_label], token_directions=0)
         exp = hl.channel_experiment(bench.lab, report, task_name, ranks=parse_ranks(ranks_text), n=check_count(n, "task samples (n)", 1, 1024),
                                     n_random=check_count(n_random, "random subspaces per rank", 1, MAX_N_RANDOM), progress=progress_to(progress))
-        return exp.summary(), exp.figure(), exp.to_frame()
+        return exp.summary(), exp.figure(), exp.to_frame(), result_json(exp, "channel-experiment")
 
     def pick_pair(table: pd.DataFrame, evt: gr.SelectData) -> tuple:
         row = selected_row(table, evt)
         return (gr.skip(), gr.skip()) if row is None else (str(row["sender"]), str(row["receiver"]))
 
+    def first_view() -> tuple:
+        """The stored K map, the previous-token -> induction pair and the newest stored channel experiment (nothing computed)."""
+        cmap, last = stored_map(bench.lab, "k"), bench.info.n_layers - 1
+        shown = (cmap.heatmap(), cmap.to_frame(TOP_PAIRS), map_summary(cmap, (0, last), "stored run"),
+                 result_json(cmap, f"composition-{cmap.kind}")) if cmap else (
+            None, gr.skip(), "Press **Show composition map** (stored runs are read; computing takes ~30 s).", None)
+        path = bench.newest_run("channel_experiment", "k")
+        exp = ChannelExperiment.load(path) if path else None
+        tried = (f"{exp.summary()} (stored run)", exp.figure(), exp.to_frame(), result_json(exp, "channel-experiment")) if exp else (
+            "Press **Remove channel vs random subspaces** (no stored experiment).", None, gr.skip(), None)
+        return *shown, *stored_default_pair(bench), *tried
+
+    tab.first_view = first_view
     lab_job = {"concurrency_id": concurrency_id}
-    tab.map_button.click(show_map, inputs=[tab.kind, tab.layer_low, tab.layer_high], outputs=[tab.heatmap, tab.pairs, tab.map_status],
+    tab.map_button.click(show_map, inputs=[tab.kind, tab.layer_low, tab.layer_high], outputs=tab.map_outputs,
                          api_name="composition_map", **lab_job)
     tab.fill_button.click(fill_pair, outputs=[tab.sender, tab.receivers], api_name="channel_fill", **lab_job)
     pair_event = dict(fn=analyse_pair, inputs=[tab.kind, tab.sender, tab.receivers],
-                      outputs=[tab.pair_summary, tab.spectrum, tab.shares, tab.directions, tab.tokens], **lab_job)
+                      outputs=[tab.pair_summary, tab.spectrum, tab.shares, tab.directions, tab.tokens, tab.pair_json], **lab_job)
     tab.pair_button.click(api_name="channels", **pair_event)
     tab.pairs.select(pick_pair, inputs=[tab.pairs], outputs=[tab.sender, tab.receivers], api_visibility="private").success(
         api_visibility="private", **pair_event)
     tab.experiment_button.click(run_experiment, inputs=[tab.kind, tab.sender, tab.receivers, tab.task, tab.task_n, tab.n_random, tab.ranks],
-                                outputs=[tab.experiment_summary, tab.experiment_plot, tab.experiment_table],
+                                outputs=tab.experiment_outputs,
                                 api_name="channel_experiment", **lab_job)
 
 

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from app.views import json_button, table
+
 from headlab.ablation.curve import CurveConfig
 from headlab.ablation.methods import parameterless_methods
 
@@ -19,6 +21,7 @@ class CheckForm:
     summary: gr.Markdown
     plot: gr.Plot
     table: gr.Dataframe
+    download: gr.DownloadButton  # the check's curve as JSON
 
     @property
     def inputs(self) -> list:
@@ -26,7 +29,7 @@ class CheckForm:
 
     @property
     def outputs(self) -> list:
-        return [self.summary, self.plot, self.table]
+        return [self.summary, self.plot, self.table, self.download]
 
 
 def check_form(check: CurveConfig, prefix: str, task_label: str, button_label: str, table_label: str) -> CheckForm:
@@ -41,5 +44,7 @@ def check_form(check: CurveConfig, prefix: str, task_label: str, button_label: s
     summary = gr.Markdown(elem_id=f"{prefix}-check-summary")
     with gr.Row():
         plot = gr.Plot(label="top-k vs random-k", elem_id=f"{prefix}-check-plot")
-        table = gr.Dataframe(label=table_label, interactive=False, elem_id=f"{prefix}-check-table")
-    return CheckForm(k, n_random, task_n, method, button, summary, plot, table)
+        with gr.Column():
+            check_table = table(label=table_label, elem_id=f"{prefix}-check-table")
+            download = json_button(f"{prefix}-check-json", "⬇ JSON of this check")
+    return CheckForm(k, n_random, task_n, method, button, summary, plot, check_table, download)

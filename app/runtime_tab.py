@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import pandas as pd
@@ -18,14 +20,16 @@ from app.feedback import shows_errors
 from app.inputs import check_count
 from app.retrieval_tab import parse_numbers
 from app.workbench import Workbench
+from app.views import table
 from headlab import runtime
-from headlab.masks import HeadMask, MaskConfig, kv_memory, make_mask
+from headlab.masks import DUO_TSV, HeadMask, KVMemory, MaskConfig, kv_memory, make_mask
 from headlab.runtime.benchmark import readable
 from headlab.runtime.quality import quality_at_budget, side_by_side
 
 SOURCES = {"top KV heads of a score": "score", "random KV heads (same budget)": "random", "all streaming (StreamingLLM)": "all_streaming"}
 MASK = MaskConfig()  # the form's defaults
 MAX_NEW_TOKENS = 64
+DUO_FILES = f"{DUO_TSV} and config.json"
 DEFAULT_CONTEXTS = "256, 512"  # CPU-sized; a GPU box can measure 8k and more
 DEFAULT_QUALITY_LENGTH = 512
 
@@ -43,6 +47,7 @@ class RuntimeTab:
     memory_plot: gr.Plot
     json_file: gr.File
     duo_file: gr.File
+    upload: gr.File
     prompt: gr.Textbox
     new_tokens: gr.Number
     generate_button: gr.Button
@@ -55,14 +60,72 @@ class RuntimeTab:
     quality_length: gr.Number
     quality_button: gr.Button
     quality_table: gr.Dataframe
+    first_view: Callable | None = None  # set by the wiring: the default mask, from stored scores
+
+    @property
+    def form(self) -> list:
+        return [self.source, self.kind, self.full_fraction, self.sink, self.recent]
+
+    @property
+    def first_inputs(self) -> list:
+        return self.form
+
+    @property
+    def first_outputs(self) -> list:
+        return [self.status, self.mask_plot, self.memory_plot, self.json_file, self.duo_file]
 
 
-def form_mask(bench: Workbench, source_label: str, kind: str, full_fraction: float, sink: float, recent: float) -> HeadMask:
-    """The mask the form describes, for the current model."""
+MAX_ZIP_FILES, MAX_ZIP_BYTES = 8, 1 << 20  # a DuoAttention folder is a .tsv and a config.json
+
+
+def unzip_mask(archive: str) -> Path:
+    """A DuoAttention folder uploaded as a .zip, extracted into a fresh temp folder: only a few small plain files,
+    no paths that leave the folder (absolute, '..', links), nothing executed or unpickled."""
+    folder = Path(tempfile.mkdtemp(prefix="headlab-upload-"))
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir()]
+            if not members or len(members) > MAX_ZIP_FILES or sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                raise ValueError(f"The zip must hold a DuoAttention folder: {DUO_FILES}, at most {MAX_ZIP_FILES} small files.")
+            for member in members:
+                name = Path(member.filename)
+                if name.is_absolute() or ".." in name.parts or (member.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise ValueError(f"The zip holds a path that leaves its folder ({member.filename!r}): refused.")
+                (folder / name.name).write_bytes(zipped.read(member))  # flattened: the files sit at the top
+    except zipfile.BadZipFile:
+        raise ValueError("The uploaded file is not a readable .zip: upload a headlab JSON mask or a zipped DuoAttention folder.") from None
+    return folder
+
+
+def uploaded_mask(bench: Workbench, upload: str) -> HeadMask:
+    """A mask file the visitor uploaded (headlab JSON, or a zipped DuoAttention folder), checked against their model."""
+    path = Path(upload)
+    return HeadMask.load(unzip_mask(upload) if path.suffix.lower() == ".zip" else path, info=bench.info)
+
+
+def form_mask(bench: Workbench, source_label: str, kind: str, full_fraction: float, sink: float, recent: float,
+              upload: str | None = None) -> HeadMask:
+    """The mask the form describes (or the uploaded one), for the current model."""
+    if upload:
+        return uploaded_mask(bench, upload)
     sink_tokens = check_count(sink, "sink tokens", 0, bench.info.n_ctx)
     recent_tokens = check_count(recent, "recent tokens", 1, bench.info.n_ctx)
     return make_mask(bench.lab, SOURCES[source_label], kind=kind, full_fraction=float(full_fraction),
                      sink=sink_tokens, recent=recent_tokens)
+
+
+def mask_facts(memory: KVMemory) -> str:
+    """The mask of `memory` as a small Markdown table: its source, budget, full KV heads per layer, window and the KV
+    bytes it needs at the model's context against the full cache (ideal bytes, `kv_memory`)."""
+    mask, mine, full = memory.mask, memory.this_mask[-1], memory.full_cache[-1]
+    source = ", ".join(f"{key} {mask.source[key]}" for key in ("source", "kind", "group") if mask.source.get(key)) or "?"
+    per_layer = " ".join(str(int(n)) for n in mask.full.sum(1).tolist())
+    rows = [("model", mask.model or "?"), ("source", source),
+            ("budget", f"{mask.n_full}/{mask.full.numel()} KV heads full ({100 * mask.n_full / mask.full.numel():.0f}%)"),
+            (f"full KV heads per layer (layers 0–{mask.n_layers - 1}, of {mask.n_kv_heads} each)", f"`{per_layer}`"),
+            ("streaming heads keep", f"{mask.sink} sink + {mask.recent} recent tokens"),
+            (f"KV cache at {memory.context[-1]} tokens", f"**{mine:.1f} MiB** instead of {full:.1f} MiB ({100 * mine / full:.0f}%)")]
+    return "| mask | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 def export_files(mask: HeadMask) -> tuple[str, str]:
@@ -118,10 +181,12 @@ def mask_layout(bench: Workbench) -> dict:
         mask_plot = gr.Plot(label="the mask", elem_id="runtime-mask")
         memory_plot = gr.Plot(label="predicted KV memory", elem_id="runtime-memory")
     with gr.Row():
-        json_file = gr.File(label="headlab.head_mask/v1 JSON", elem_id="runtime-json")
-        duo_file = gr.File(label="DuoAttention folder (zip)", elem_id="runtime-duo")
+        json_file = gr.File(label="download: headlab.head_mask/v1 JSON", elem_id="runtime-json")
+        duo_file = gr.File(label="download: DuoAttention folder (zip)", elem_id="runtime-duo")
+        upload = gr.File(label="or upload your mask (headlab JSON, or a DuoAttention folder as .zip): it replaces the form above",
+                         type="filepath", file_count="single", file_types=[".json", ".zip"], elem_id="runtime-upload")
     return dict(source=source, kind=kind, full_fraction=full_fraction, sink=sink, recent=recent, build_button=build_button,
-                status=status, mask_plot=mask_plot, memory_plot=memory_plot, json_file=json_file, duo_file=duo_file)
+                status=status, mask_plot=mask_plot, memory_plot=memory_plot, json_file=json_file, duo_file=duo_file, upload=upload)
 
 
 def run_layout(bench: Workbench) -> dict:
@@ -134,15 +199,15 @@ def run_layout(bench: Workbench) -> dict:
     with gr.Row():
         full_text = gr.Textbox(label="full cache", lines=3, elem_id="runtime-full-text")
         compressed_text = gr.Textbox(label="compressed cache (this mask)", lines=3, elem_id="runtime-compressed-text")
-    generation_table = gr.Dataframe(label="KV cache held", interactive=False, elem_id="runtime-generation-table")
+    generation_table = table(label="KV cache held", interactive=False, elem_id="runtime-generation-table")
     gr.Markdown("### Measure live: memory and speed against the full cache, and what the mask costs in quality")
     with gr.Row():
         contexts = gr.Textbox(DEFAULT_CONTEXTS, label="contexts (tokens)", elem_id="runtime-contexts")
         measure_button = gr.Button("Measure memory and speed", elem_id="runtime-measure")
         quality_length = gr.Number(DEFAULT_QUALITY_LENGTH, precision=0, label="quality: context (tokens)", elem_id="runtime-quality-length")
         quality_button = gr.Button("Measure quality", elem_id="runtime-quality")
-    measure_table = gr.Dataframe(label="full cache vs compressed", interactive=False, elem_id="runtime-measure-table")
-    quality_table = gr.Dataframe(label="needle accuracy (3 depths) and KL vs the full cache on prose", interactive=False,
+    measure_table = table(label="full cache vs compressed", interactive=False, elem_id="runtime-measure-table")
+    quality_table = table(label="needle accuracy (3 depths) and KL vs the full cache on prose", interactive=False,
                                  elem_id="runtime-quality-table")
     return dict(prompt=prompt, new_tokens=new_tokens, generate_button=generate_button, full_text=full_text,
                 compressed_text=compressed_text, generation_table=generation_table, contexts=contexts,
@@ -153,37 +218,47 @@ def run_layout(bench: Workbench) -> dict:
 def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
     """The tab's events: each rebuilds the mask from the form and shows what the library returns."""
 
-    @shows_errors
-    def build(*form) -> tuple:
-        mask = form_mask(bench, *form)
+    def mask_view(mask: HeadMask, uploaded: bool = False) -> tuple:
         memory = kv_memory(mask, bench.info, bench.lab.dtype.itemsize)
-        return memory.summary(), mask.figure(), memory.figure(), *export_files(mask)
+        origin = "**Your uploaded mask** (clear the upload to use the form again).\n\n" if uploaded else ""
+        return origin + mask_facts(memory), mask.figure(), memory.figure(), *export_files(mask)
 
     @shows_errors
-    def generate(*form) -> tuple:
-        *mask_form, prompt_text, n_new = form
-        result = side_by_side(bench.lab, form_mask(bench, *mask_form), prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
+    def build(source, kind, full_fraction, sink, recent, upload=None) -> tuple:
+        return mask_view(form_mask(bench, source, kind, full_fraction, sink, recent, upload), uploaded=bool(upload))
+
+    @shows_errors
+    def generate(source, kind, full_fraction, sink, recent, prompt_text, n_new, upload=None) -> tuple:
+        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
+        result = side_by_side(bench.lab, mask, prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
         return result.full_text, result.compressed_text, result.to_frame()
 
     @shows_errors
-    def measure_live(*form) -> pd.DataFrame:
-        *mask_form, contexts_text = form
-        return measure_frame(bench, form_mask(bench, *mask_form), parse_numbers(contexts_text, "contexts", int))
+    def measure_live(source, kind, full_fraction, sink, recent, contexts_text, upload=None) -> pd.DataFrame:
+        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
+        return measure_frame(bench, mask, parse_numbers(contexts_text, "contexts", int))
 
     @shows_errors
-    def measure_quality(*form) -> pd.DataFrame:
-        *mask_form, length = form
-        return quality_frame(bench, form_mask(bench, *mask_form), check_count(length, "quality context", 64, bench.info.n_ctx))
+    def measure_quality(source, kind, full_fraction, sink, recent, length, upload=None) -> pd.DataFrame:
+        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
+        return quality_frame(bench, mask, check_count(length, "quality context", 64, bench.info.n_ctx))
 
-    form = [tab.source, tab.kind, tab.full_fraction, tab.sink, tab.recent]
+    def first_view(source, kind, full_fraction, sink, recent) -> tuple:
+        """The form's mask when its scores are stored (a mask from a score kind reads the stored run), else a hint."""
+        if SOURCES.get(source) == "score" and hl.stored(bench.lab, kind) is None:
+            return f"No stored **{kind}** run for {bench.info.name}: press **Build mask** to score and build.", None, None, None, None
+        return mask_view(form_mask(bench, source, kind, full_fraction, sink, recent))
+
+    form, upload = tab.form, tab.upload
     lab_job = {"concurrency_id": concurrency_id}
-    tab.measure_button.click(measure_live, inputs=[*form, tab.contexts], outputs=[tab.measure_table], api_name="runtime_measure", **lab_job)
-    tab.quality_button.click(measure_quality, inputs=[*form, tab.quality_length], outputs=[tab.quality_table],
+    tab.measure_button.click(measure_live, inputs=[*form, tab.contexts, upload], outputs=[tab.measure_table], api_name="runtime_measure", **lab_job)
+    tab.quality_button.click(measure_quality, inputs=[*form, tab.quality_length, upload], outputs=[tab.quality_table],
                              api_name="runtime_quality", **lab_job)
-    tab.build_button.click(build, inputs=form, outputs=[tab.status, tab.mask_plot, tab.memory_plot, tab.json_file, tab.duo_file],
-                           api_name="export_mask", **lab_job)
-    tab.generate_button.click(generate, inputs=[*form, tab.prompt, tab.new_tokens],
+    tab.build_button.click(build, inputs=[*form, upload], outputs=tab.first_outputs, api_name="export_mask", **lab_job)
+    upload.upload(build, inputs=[*form, upload], outputs=tab.first_outputs, api_visibility="private", **lab_job)
+    tab.generate_button.click(generate, inputs=[*form, tab.prompt, tab.new_tokens, upload],
                               outputs=[tab.full_text, tab.compressed_text, tab.generation_table], api_name="runtime_generate", **lab_job)
+    tab.first_view = first_view
 
 
 def build_runtime_tab(bench: Workbench, concurrency_id: str) -> RuntimeTab:

@@ -24,6 +24,7 @@ from app.feedback import progress_to, shows_errors
 from app.forms import CheckForm, check_form
 from app.inputs import check_count, hiding_file_text
 from app.workbench import Workbench
+from app.views import heatmap_with_top, link_heads, result_json
 from headlab.heads import format_heads
 from headlab.scorers import scorer_fields
 
@@ -50,7 +51,11 @@ class SelectCopyTab:
     score_button: gr.Button
     status: gr.Markdown
     heatmap: gr.Plot
+    clicked: gr.Textbox  # hidden: the heatmap cell clicked (`app.page`)
+    head: gr.Textbox
+    details: gr.Markdown
     top: gr.Dataframe
+    download: gr.DownloadButton
     example_text: gr.Markdown
     example_plot: gr.Plot
     check: CheckForm
@@ -82,16 +87,14 @@ def layout() -> SelectCopyTab:
         example = gr.Number(0, precision=0, label="example test question #", elem_id="select-copy-example", scale=1)
         score_button = gr.Button("Find select-and-copy heads", variant="primary", elem_id="select-copy-score", scale=1)
     status = gr.Markdown("Press **Find select-and-copy heads** (a stored run is read, not recomputed).", elem_id="select-copy-status")
-    with gr.Row():
-        heatmap = gr.Plot(label="head accuracy (test split)", elem_id="select-copy-heatmap", scale=3)
-        top = gr.Dataframe(label="top heads by validation accuracy", interactive=False, elem_id="select-copy-top", scale=2)
+    linked = heatmap_with_top("select-copy", "head accuracy (test split)", "top heads by validation accuracy")
     with gr.Row():
         example_text = gr.Markdown(elem_id="select-copy-example-text")
         example_plot = gr.Plot(label="best head's QK-scores per option", elem_id="select-copy-example-plot")
     gr.Markdown("### Ablation check: top-k select-and-copy heads vs random heads, on fresh questions")
     form = check_form(check, "select-copy", "task questions", "Ablate top-k vs random-k", "mcqa accuracy")
-    return SelectCopyTab(n, seed, chat, dataset, dataset_file, variant, example, score_button, status, heatmap, top, example_text,
-                         example_plot, check=form)
+    return SelectCopyTab(n, seed, chat, dataset, dataset_file, variant, example, score_button, status, **linked,
+                         example_text=example_text, example_plot=example_plot, check=form)
 
 
 def wire(tab: SelectCopyTab, bench: Workbench, concurrency_id: str) -> None:
@@ -101,14 +104,17 @@ def wire(tab: SelectCopyTab, bench: Workbench, concurrency_id: str) -> None:
         return select_copy_scores(bench, check_count(n_value, "questions (n)", 2, MAX_N), check_count(seed_value, "seed", 0, 2**31 - 1),
                                   chat_value, dataset_value, dataset_file)
 
+    def view(scores: hl.HeadScores, variant: str, example: float) -> tuple:
+        """(heatmap, top table, summary, example question and its figure, JSON) of a run."""
+        with hiding_file_text(scores.params["dataset"]):  # the example re-reads the questions
+            question = sc.example_question(scores, check_count(example, "example question", 0, MAX_N))
+        return (sc.accuracy_heatmap(scores, VARIANT_CHOICES[variant]), sc.validation_frame(scores, TOP_K),
+                sc.summary(scores), question.summary(), question.figure(), result_json(scores, "select-copy-scores"))
+
     @shows_errors
     def score(n, seed, chat, dataset, variant, example, dataset_file=None, progress=gr.Progress()) -> tuple:
         progress(0.0, desc="scoring select-and-copy heads (a stored run is read)")
-        scores = read_form(n, seed, chat, dataset, dataset_file)
-        with hiding_file_text(scores.params["dataset"]):  # the example re-reads the questions
-            example_question = sc.example_question(scores, check_count(example, "example question", 0, MAX_N))
-        return (sc.accuracy_heatmap(scores, VARIANT_CHOICES[variant]), sc.validation_frame(scores, TOP_K),
-                sc.summary(scores), example_question.summary(), example_question.figure())
+        return view(read_form(n, seed, chat, dataset, dataset_file), variant, example)
 
     @shows_errors
     def check(n, seed, chat, dataset, k, n_random, task_n, method, dataset_file=None, progress=gr.Progress()) -> tuple:
@@ -116,13 +122,24 @@ def wire(tab: SelectCopyTab, bench: Workbench, concurrency_id: str) -> None:
         curve = sc.ablation_check(bench.lab, read_form(n, seed, chat, dataset, dataset_file), k_heads,
                                   check_count(n_random, "random sets", 1, MAX_N_RANDOM), check_count(task_n, "task questions", 1, MAX_N),
                                   method, progress=progress_to(progress))
-        return f"{curve.summary()} Top-{k_heads}: {format_heads(curve.top_heads[0])}.", curve.figure(), curve.to_frame()
+        return (f"{curve.summary()} Top-{k_heads}: {format_heads(curve.top_heads[0])}.", curve.figure(), curve.to_frame(),
+                result_json(curve, "select-copy-check"))
+
+    def first_view(n, seed, chat, dataset, variant, example) -> tuple:
+        """The stored run of the form on synthetic questions (nothing computed)."""
+        scores = None if dataset else hl.stored(bench.lab, "select_copy", n=check_count(n, "questions (n)", 2, MAX_N),
+                                                seed=check_count(seed, "seed", 0, 2**31 - 1), chat=bool(chat))
+        if scores is None:
+            return None, gr.skip(), f"No stored run for {bench.info.name} with this form: press **Find select-and-copy heads**.", "", None, None
+        return view(scores, variant, example)
 
     form = [tab.n, tab.seed, tab.chat, tab.dataset]
+    tab.first_view, tab.first_inputs = first_view, [*form, tab.variant, tab.example]
+    tab.first_outputs = [tab.heatmap, tab.top, tab.status, tab.example_text, tab.example_plot, tab.download]
     lab_job = {"concurrency_id": concurrency_id}
-    tab.score_button.click(score, inputs=[*form, tab.variant, tab.example, tab.dataset_file],
-                           outputs=[tab.heatmap, tab.top, tab.status, tab.example_text, tab.example_plot],
+    tab.score_button.click(score, inputs=[*form, tab.variant, tab.example, tab.dataset_file], outputs=tab.first_outputs,
                            api_name="select_copy", **lab_job)
+    link_heads(tab.heatmap, tab.clicked, tab.head, tab.details, tables=[tab.top])
     tab.check.button.click(check, inputs=[*form, *tab.check.inputs, tab.dataset_file],
                            outputs=tab.check.outputs, api_name="select_copy_check", **lab_job)
 

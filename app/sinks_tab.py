@@ -5,14 +5,16 @@ domains, and one head's attention pattern on two domains side by side. The figur
 are `headlab.scorers.sinks`' (`dormancy_figure`, `switching_frame`, `sink_summary`).
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
 import pandas as pd
 
 import headlab as hl
-from app.feedback import selected_row, shows_errors
+from app.feedback import READ_EVENT, selected_row, shows_errors
 from app.inputs import check_count, check_whole, parse_head
 from app.workbench import Workbench
+from app.views import clickable_heatmap, highlighted, json_button, link_heads, result_json, table
 from headlab.datasets import domains
 from headlab.heads import head_label
 from headlab.scorers import scorer_fields
@@ -32,13 +34,26 @@ class SinksTab:
     compute_button: gr.Button
     status: gr.Markdown
     matrix: gr.Plot
+    clicked: gr.Textbox  # hidden: the matrix row clicked (`app.page`)
+    details: gr.Markdown
     switching: gr.Dataframe
+    download: gr.DownloadButton
     head: gr.Textbox
     domain_a: gr.Dropdown
     domain_b: gr.Dropdown
     show_button: gr.Button
     view_a: gr.HTML
     view_b: gr.HTML
+    first_view: Callable | None = None  # set by the wiring: the stored run of the form, computing nothing
+    first_then: dict | None = None  # the two pattern views that follow it
+
+    @property
+    def first_inputs(self) -> list:
+        return [self.n, self.seed]
+
+    @property
+    def first_outputs(self) -> list:
+        return [self.matrix, self.switching, self.status, self.head, self.details, self.download]
 
 
 def sink_scores(bench: Workbench, n: float, seed: float) -> hl.HeadScores:
@@ -64,12 +79,14 @@ def layout() -> SinksTab:
         n = gr.Number(defaults["n"], precision=0, label="n (samples per domain)", elem_id="sinks-n")
         seed = gr.Number(defaults["seed"], precision=0, label="seed", elem_id="sinks-seed")
         compute_button = gr.Button("Score sinks", variant="primary", elem_id="sinks-score")
-    status = gr.Markdown("Press **Score sinks** (a stored run is read, not recomputed).", elem_id="sinks-status")
+    status = gr.Markdown("Reading the stored run…", elem_id="sinks-status")
     with gr.Row():
         with gr.Column(scale=2):
-            matrix = gr.Plot(label="head x domain dormancy", elem_id="sinks-matrix")
+            matrix, clicked = clickable_heatmap("head x domain dormancy", "sinks-matrix")
         with gr.Column(scale=3):
-            switching = gr.Dataframe(
+            details = gr.Markdown(elem_id="sinks-details")
+            download = json_button("sinks-json", "⬇ JSON of this run")
+            switching = table(
                 pd.DataFrame(columns=["head", "dormant on", "active on", "domain dependence"]),
                 label="Heads that switch between domains — click a row", interactive=False, elem_id="sinks-switching",
             )
@@ -82,8 +99,8 @@ def layout() -> SinksTab:
     with gr.Row():
         view_a = gr.HTML(elem_id="sinks-view-a")
         view_b = gr.HTML(elem_id="sinks-view-b")
-    return SinksTab(n=n, seed=seed, compute_button=compute_button, status=status, matrix=matrix, switching=switching,
-                    head=head, domain_a=domain_a, domain_b=domain_b, show_button=show_button, view_a=view_a, view_b=view_b)
+    return SinksTab(n=n, seed=seed, compute_button=compute_button, status=status, matrix=matrix, clicked=clicked,
+                    details=details, switching=switching, download=download, head=head, domain_a=domain_a, domain_b=domain_b, show_button=show_button, view_a=view_a, view_b=view_b)
 
 
 def picked_switch(table: pd.DataFrame, evt: gr.SelectData) -> tuple:
@@ -95,12 +112,26 @@ def picked_switch(table: pd.DataFrame, evt: gr.SelectData) -> tuple:
 
 
 def wire(tab: SinksTab, bench: Workbench, concurrency_id: str) -> SinksTab:
+    def view(scores: hl.HeadScores) -> tuple:
+        """(matrix with the most domain-dependent head outlined, switching table, summary, that head, its row, JSON)."""
+        table, figure = switching_frame(scores), dormancy_figure(scores)
+        if not len(table):
+            return figure, table, sink_summary(scores), gr.skip(), "", result_json(scores, "sink-scores")
+        first = str(table.iloc[0]["head"])
+        row = table.iloc[0]
+        details = f"**{first}**: dormant on {row['dormant on']}, active on {row['active on']}."
+        return (highlighted(figure, parse_head(first, bench.info)), table, sink_summary(scores), first, details,
+                result_json(scores, "sink-scores"))
+
     @shows_errors
     def compute(n: float, seed: float) -> tuple:
-        scores = sink_scores(bench, n, seed)
-        table = switching_frame(scores)
-        first = str(table.iloc[0]["head"]) if len(table) else gr.skip()
-        return dormancy_figure(scores), table, sink_summary(scores), first
+        return view(sink_scores(bench, n, seed))
+
+    def first_view(n: float, seed: float) -> tuple:
+        scores = hl.stored(bench.lab, "sink", n=check_count(n, "n", 1, MAX_N), seed=check_count(seed, "seed", 0, MAX_SEED))
+        if scores is None:
+            return None, gr.skip(), f"No stored sink run for {bench.info.name} with this form: press **Score sinks**.", gr.skip(), "", None
+        return view(scores)
 
     @shows_errors
     def show(head_text: str, a: str, b: str, seed: float) -> tuple:
@@ -108,14 +139,15 @@ def wire(tab: SinksTab, bench: Workbench, concurrency_id: str) -> SinksTab:
         return head_view(bench, head_text, a, seed_number), head_view(bench, head_text, b, seed_number)
 
     lab_job = {"concurrency_id": concurrency_id}
-    show_event = dict(fn=show, inputs=[tab.head, tab.domain_a, tab.domain_b, tab.seed], outputs=[tab.view_a, tab.view_b], **lab_job)
+    show_event = dict(fn=show, inputs=[tab.head, tab.domain_a, tab.domain_b, tab.seed], outputs=[tab.view_a, tab.view_b], **READ_EVENT)
     tab.compute_button.click(
-        compute, inputs=[tab.n, tab.seed], outputs=[tab.matrix, tab.switching, tab.status, tab.head], api_name="sinks", **lab_job
+        compute, inputs=[tab.n, tab.seed], outputs=tab.first_outputs, api_name="sinks", **lab_job
     ).success(api_visibility="private", **show_event)
     tab.show_button.click(api_name="sink_patterns", **show_event)
-    tab.switching.select(
-        picked_switch, inputs=[tab.switching], outputs=[tab.head, tab.domain_a, tab.domain_b], api_visibility="private"
-    ).success(api_visibility="private", **show_event)
+    follow = link_heads(tab.matrix, tab.clicked, tab.head, tab.details, then=[show_event])
+    follow(tab.switching.select(picked_switch, inputs=[tab.switching], outputs=[tab.head, tab.domain_a, tab.domain_b],
+                                api_visibility="private", **READ_EVENT))
+    tab.first_view, tab.first_then = first_view, show_event
     return tab
 
 

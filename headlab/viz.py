@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 from headlab.activations import attention_pattern
 from headlab.heads import check_head, check_layer, head_label
@@ -98,7 +99,27 @@ def head_heatmap(
         height=height or max(360, 18 * n_rows + 120),
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
     )
+    for axis, labels in (("x", x), ("y", y)):
+        if labels is not None and len(labels) > MAX_HEAD_TICKS and all(_HEAD_LABEL.fullmatch(str(label)) for label in labels):
+            layer_bands(fig, axis, list(labels))
     return fig
+
+
+MAX_HEAD_TICKS = 40  # an axis of more head labels (`L18H6`) than this is ticked per layer instead
+_HEAD_LABEL = re.compile(r"L(\d+)H\d+")
+
+
+def layer_bands(fig, axis: str, labels: list[str]) -> None:
+    """Tick a categorical axis of head labels once per layer (`L18` at the layer's first head) and draw a thin line
+    between layers: 270 head names cannot be read, 30 layer bands can. Hover still names every head."""
+    layers = [int(_HEAD_LABEL.fullmatch(label).group(1)) for label in labels]
+    starts = [i for i, layer in enumerate(layers) if i == 0 or layer != layers[i - 1]]
+    fig.update_layout({f"{axis}axis": {"tickmode": "array", "tickvals": [labels[i] for i in starts],
+                                       "ticktext": [f"L{layers[i]}" for i in starts], "type": "category"}})
+    other = "y" if axis == "x" else "x"
+    for i in starts[1:]:
+        fig.add_shape(type="line", layer="above", line={"color": "rgba(255,255,255,0.6)", "width": 0.6},
+                      **{f"{axis}ref": axis, f"{axis}0": i - 0.5, f"{axis}1": i - 0.5, f"{other}ref": "paper", f"{other}0": 0, f"{other}1": 1})
 
 
 def curve_figure(curve) -> "go.Figure":
@@ -107,15 +128,23 @@ def curve_figure(curve) -> "go.Figure":
 
     mean, std = curve.random_mean, curve.random_std
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=curve.ks, y=[m + s for m, s in zip(mean, std)], line={"width": 0}, showlegend=False, hoverinfo="skip"))
-    fig.add_trace(
-        go.Scatter(x=curve.ks, y=[m - s for m, s in zip(mean, std)], fill="tonexty", line={"width": 0},
-                   fillcolor="rgba(120,120,120,0.25)", name="random-k ± std", hoverinfo="skip")
-    )
-    fig.add_trace(go.Scatter(x=curve.ks, y=mean, mode="lines+markers", line={"color": "grey"}, name="random-k mean"))
+    # The band is an area between two invisible lines (mode "lines": plotly's default adds markers that read as
+    # data points); a one-k curve has no area to fill, so its ± std is an error bar on the mean instead.
+    band = len(curve.ks) > 1
+    if band:
+        fig.add_trace(go.Scatter(x=curve.ks, y=[m + s for m, s in zip(mean, std)], mode="lines", line={"width": 0},
+                                 showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=curve.ks, y=[m - s for m, s in zip(mean, std)], mode="lines", fill="tonexty",
+                                 line={"width": 0}, fillcolor="rgba(120,120,120,0.25)", name="random-k ± std", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=curve.ks, y=mean, mode="lines+markers", line={"color": "grey"},
+                             error_y=None if band else {"type": "data", "array": std, "visible": True},
+                             name="random-k mean" + ("" if band else " ± std")))
     xs = [k for k, r in zip(curve.ks, curve.random) for _ in r]
     ys = [v for r in curve.random for v in r]
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": "grey", "size": 5, "opacity": 0.6}, name="random-k sets"))
+    sets = [", ".join(head_label(*head) for head in heads) for per_k in curve.random_heads for heads in per_k]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker={"color": "grey", "size": 5, "opacity": 0.6}, name="random-k sets",
+                             text=sets if len(sets) == len(ys) else None,
+                             hovertemplate="k=%{x}: %{y:.3f}<br>%{text}<extra>random set</extra>" if len(sets) == len(ys) else None))
     fig.add_trace(go.Scatter(x=curve.ks, y=curve.top, mode="lines+markers", line={"color": "crimson", "width": 3}, name=f"top-k {curve.scores['kind']}"))
     fig.add_hline(y=curve.baseline, line_dash="dot", annotation_text="intact")
     fig.update_layout(

@@ -4,8 +4,10 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -15,6 +17,7 @@ from app.inputs import FileAccess, format_heads, parse_heads, parse_ks
 from app.main import launch, serving_access
 from app.workbench import Workbench
 from headlab.ablation import method_fields
+from headlab.ablation.curve import AblationCurve
 from headlab.heads import head_label
 
 N = 8  # small samples: these tests run on a 2-core CPU
@@ -31,14 +34,21 @@ def table_rows(table: dict) -> list[dict]:
     return [dict(zip(table["headers"], row)) for row in table["data"]]
 
 
-def test_model_info_reports_the_embedded_shape(client):
+def facts(table: dict) -> dict:
+    """The Model tab's table of the model's facts as {fact: value}."""
+    return {row["fact"]: row["value"] for row in table_rows(table)}
+
+
+def test_model_info_reports_the_embedded_shape_as_a_readable_table(client):
     status, info = client.predict(api_name="/model_info")
-    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"]) == (30, 9, 3)
-    assert "SmolLM2" in status
+    shown = facts(info)
+    assert (shown["layers"], shown["query heads per layer"], shown["KV heads per layer"]) == ("30", "9", "3")
+    assert shown["name"] == "SmolLM2-135M-Instruct" and shown["context (tokens)"] == "8192" and shown["device"] == "cpu"
+    assert shown["dtype"] in ("float32", "bfloat16", "float16") and "SmolLM2" in status
 
 
 def test_scoring_induction_shows_heatmap_and_real_induction_heads(client, lab):
-    plot, table, status, best = client.predict("induction", N, 0, False, api_name="/score")
+    plot, table, status, best, details, run_json = client.predict("induction", N, 0, False, api_name="/score")
     assert plot["type"] == "plotly"
     figure = json.loads(plot["plot"])
     assert figure["data"][0]["type"] == "heatmap"
@@ -52,19 +62,20 @@ def test_scoring_induction_shows_heatmap_and_real_induction_heads(client, lab):
     assert rows[0]["induction"] > 0.5  # a real induction head puts most of its attention on the induction target
     assert [r["head"] for r in rows[:3]] == expected
     assert f"**{best}**" in status and "computed in" in status
+    assert hl.HeadScores.load(run_json).top_heads(3) == parse_heads(", ".join(expected))  # the run downloads as its JSON record
 
 
 def test_atlas_reads_a_stored_run_without_computing(client, induction_scores):
     stored_n, stored_seed = induction_scores.params["n"], induction_scores.params["seed"]
-    plot, table, status, n, seed, head, pattern = client.predict(
-        "induction", stored_n, stored_seed, PROMPT, api_name="/stored_atlas"
-    )
-    assert "read from the store" in status
+    kind, plot, table, status, n, seed, head, details, _ = client.predict("induction", stored_n, stored_seed, api_name="/stored_atlas")
+    assert "read from the store" in status and kind == "induction"
     assert (n, seed) == (stored_n, stored_seed)
     assert head == head_label(*induction_scores.top_heads(1)[0]) == table_rows(table)[0]["head"]
-    assert plot["type"] == "plotly" and "<iframe srcdoc=" in pattern and head in pattern
+    assert plot["type"] == "plotly" and f"**{head}**" in details and "rank 1 of 270" in details
+    outline = json.loads(plot["plot"])["layout"]["shapes"][0]  # the chosen head is outlined on the heatmap
+    assert (outline["x0"] + 0.5, outline["y0"] + 0.5) == tuple(reversed(parse_heads(head)[0]))
     # With no run for the asked (n, seed), the newest stored run is shown, and the inputs follow it.
-    *_, status, n, seed, _, _ = client.predict("induction", 999, 0, PROMPT, api_name="/stored_atlas")
+    *_, status, n, seed, _, _, _ = client.predict("induction", 999, 0, api_name="/stored_atlas")
     assert "read from the store" in status and n != 999
 
 
@@ -106,13 +117,18 @@ def test_ablate_tab_has_a_number_for_every_method_parameter(client):
 
 
 def test_ablation_curve_top_k_beats_random_k(client):
-    figure, table, status = client.predict(
+    figure, table, status, sets, curve_json = client.predict(
         "induction", N, 0, "repeated_tokens", "1, 2", "mean", 1, N, api_name="/ablation_curve"
     )
     rows = table_rows(table)
     assert [r["k"] for r in rows] == [1, 2]
     assert rows[-1]["top_k"] > rows[-1]["random_mean"]
     assert json.loads(figure["plot"])["data"] and "intact" in status
+    listed = table_rows(sets)  # every ablated set with its heads: top-k and the random set per k
+    assert [(r["k"], r["set"]) for r in listed] == [(1, "top-1"), (1, "random 1"), (2, "top-2"), (2, "random 2")] or \
+        [r["set"] for r in listed] == ["top-1", "random 1", "top-2", "random 1"]
+    assert all(parse_heads(r["heads"]) for r in listed) and listed[2]["value"] == rows[1]["top_k"]
+    assert [round(value, 4) for value in AblationCurve.load(Path(curve_json)).top] == [row["top_k"] for row in rows]
 
 
 @pytest.mark.parametrize(
@@ -130,16 +146,16 @@ def test_bad_inputs_give_clear_errors_and_the_app_lives_on(client, endpoint, arg
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name=endpoint)
     _, info = client.predict(api_name="/model_info")
-    assert info["n_layers"] == 30
+    assert facts(info)["layers"] == "30"
 
 
 def test_failed_model_load_keeps_the_previous_model(client, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once, like an offline machine
     status, _ = client.predict("nonexistent/model", api_name="/load_model")
     assert "Could not load `nonexistent/model`" in status and "Hugging Face" in status
-    assert "keeps using **SmolLM2-135M-Instruct**" in status
+    assert "keep using **SmolLM2-135M-Instruct**" in status
     status, info = client.predict(api_name="/model_info")
-    assert info["name"] == "SmolLM2-135M-Instruct" and "SmolLM2" in status
+    assert facts(info)["name"] == "SmolLM2-135M-Instruct" and "SmolLM2" in status
     view = client.predict(PROMPT, "L18H6", api_name="/pattern")
     assert "circuits-vis" in view
 
@@ -169,12 +185,12 @@ def test_loading_a_local_folder_switches_every_tab_to_it(lab, tiny_model_dir, se
     with serve_app(lab) as url:  # its own app: loading a model here must not change the shared one
         client = Client(url, verbose=False)
         status, info = client.predict(tiny_model_dir, api_name="/load_model")
-        assert (info["name"], info["n_layers"], info["n_heads"]) == ("tiny-llama", 2, 4) and "tiny-llama" in status
-        stored = client.predict("induction", N, 0, PROMPT, api_name="/stored_atlas")
-        assert "No stored **induction** run for tiny-llama" in stored[2]
+        assert (facts(info)["name"], facts(info)["layers"], facts(info)["query heads per layer"]) == ("tiny-llama", "2", "4") and "tiny-llama" in status
+        stored = client.predict("induction", N, 0, api_name="/stored_atlas")
+        assert "No stored **induction** run for tiny-llama" in stored[3]
         with pytest.raises(AppError, match="tiny-llama has layers 0-1"):
             client.predict(PROMPT, "L18H6", api_name="/pattern")
-        _, table, _, best = client.predict("induction", 2, 0, False, api_name="/score")
+        _, table, _, best, _, _ = client.predict("induction", 2, 0, False, api_name="/score")
         (layer, head), = parse_heads(best)
         assert len(table["data"]) == 8 and 0 <= layer < 2 and 0 <= head < 4  # 2 x 4 heads in all
 
@@ -196,11 +212,12 @@ def test_parse_ks_sorts_and_bounds(lab):
 
 
 def test_retrieval_tab_scores_heads_and_rejects_bad_lengths(client):
-    table, status = client.predict("fact", "filler", "256, 384", "0.1, 0.5, 0.9", 1, api_name="/retrieval")
+    table, status, heatmap, run_json = client.predict("fact", "filler", "256, 384", "0.1, 0.5, 0.9", 1, api_name="/retrieval")
     rows = table_rows(table)
     assert rows[0]["retrieval score"] > 0.1 and "accuracy" in status  # a real retrieval head copies the needle
     layer, _ = parse_heads(rows[0]["head"])[0]
     assert 15 <= layer <= 25  # retrieval heads sit in the mid-to-late layers
+    assert heatmap["type"] == "plotly" and hl.HeadScores.load(run_json).top_heads(1) == [(layer, parse_heads(rows[0]["head"])[0][1])]
     with pytest.raises(AppError, match="context lengths must be whole numbers"):
         client.predict("fact", "filler", "256, long", "0.5", 1, api_name="/retrieval")
     with pytest.raises(AppError, match="more than the context of 16 tokens"):
@@ -208,19 +225,22 @@ def test_retrieval_tab_scores_heads_and_rejects_bad_lengths(client):
 
 
 def test_sinks_tab_shows_the_domain_matrix_and_two_patterns(client):
-    plot, table, status, head = client.predict(1, 0, api_name="/sinks")
+    plot, table, status, head, details, run_json = client.predict(1, 0, api_name="/sinks")
     assert json.loads(plot["plot"])["data"][0]["type"] == "heatmap"
     rows = table_rows(table)
     assert rows and rows[0]["head"] == head and "switch" in status
     assert rows[0]["dormant on"] and rows[0]["active on"]  # a switching head is dormant somewhere, active elsewhere
+    assert f"**{head}**" in details and hl.HeadScores.load(run_json).kind == "sink"
     view_a, view_b = client.predict(head, "prose", "code", 0, api_name="/sink_patterns")
     assert view_a.startswith(f"<h4>{head} on prose</h4><iframe") and "<iframe" in view_b and view_a != view_b
 
 
 def test_channels_tab_analyses_the_previous_token_to_induction_pair(client):
     kind = "K-composition (sender → receiver's keys)"
-    summary, spectrum, shares, directions, tokens = client.predict(kind, "16.0", "18.6", api_name="/channels")
+    summary, spectrum, shares, directions, tokens, report_json = client.predict(kind, "16.0", "18.6", api_name="/channels")
     assert "L16H0" in summary and table_rows(directions) and spectrum["type"] == "plotly"
+    record = json.loads(Path(report_json).read_text())  # the report downloads as one JSON, its tensors written in
+    assert record["record"] == "channel_report" and len(record["tensors"]["singular_values"]) > 0
     with pytest.raises(AppError, match="earlier layers"):
         client.predict(kind, "18.6", "16.0", api_name="/channels")
 
@@ -234,7 +254,10 @@ def test_export_tab_writes_both_formats_and_only_the_retrieval_mask_keeps_the_ne
     by_score, streaming = list(SOURCES)[0], list(SOURCES)[2]
     status, _, memory, json_path, duo_zip = client.predict(by_score, "retrieval", 0.5, 64, 256, api_name="/export_mask")
     mask = hl.HeadMask.load(json_path, info=lab.info)
-    assert mask.n_full == 45 and mask.source["kind"] == "retrieval" and "45/90 KV heads full" in status
+    assert mask.n_full == 45 and mask.source["kind"] == "retrieval" and "| budget | 45/90 KV heads full (50%) |" in status
+    per_layer = " ".join(str(int(n)) for n in mask.full.sum(1).tolist())
+    assert f"`{per_layer}`" in status and "| streaming heads keep | 64 sink + 256 recent tokens |" in status
+    assert "HeadMask(" not in status  # a table, not the object's repr
     with zipfile.ZipFile(duo_zip) as archive:
         archive.extractall(tmp_path / "duo")
     assert (hl.HeadMask.load(tmp_path / "duo", info=lab.info).full == mask.full).all()
@@ -294,7 +317,7 @@ def test_server_files_are_refused_as_haystack_or_dataset_and_never_shown(client,
         messages.add(without(str(caught.value), path))
     assert len(messages) == 1  # an existing file and a missing one read the same
     _, info = client.predict(api_name="/model_info")
-    assert info["n_layers"] == 30
+    assert facts(info)["layers"] == "30"
 
 
 def test_an_uploaded_haystack_is_the_one_read(client, tmp_path):
@@ -304,7 +327,7 @@ def test_an_uploaded_haystack_is_the_one_read(client, tmp_path):
         client.predict(*RETRIEVAL_RUN, handle_file(str(blank)), api_name="/retrieval")
     hay = tmp_path / "mill-haystack.txt"
     hay.write_text(HAYSTACK_TEXT)
-    table, status = client.predict(*RETRIEVAL_RUN, handle_file(str(hay)), api_name="/retrieval")
+    table, status, *_ = client.predict(*RETRIEVAL_RUN, handle_file(str(hay)), api_name="/retrieval")
     assert "mill-haystack.txt" in status and len(table_rows(table)) == 15
 
 
@@ -312,8 +335,9 @@ def test_an_uploaded_dataset_is_scored_and_a_bad_row_is_named_not_shown(client, 
     good = tmp_path / "fruit.csv"
     rows = [f"Which one is a fruit ({i})?,{fruit},stone,A" for i, fruit in enumerate(["apple", "pear", "plum", "fig"])]
     good.write_text("question,A,B,answer\n" + "\n".join(rows) + "\n")
-    *_, example_text, _ = client.predict(4, 0, False, "", dataset_file=handle_file(str(good)), api_name="/select_copy")
+    _, _, _, example_text, _, run_json = client.predict(4, 0, False, "", dataset_file=handle_file(str(good)), api_name="/select_copy")
     assert "Which one is a fruit" in example_text  # the example question comes from the upload
+    assert hl.HeadScores.load(run_json).params["n"] == 4
     bad_row = tmp_path / "bad-row.csv"
     bad_row.write_text(f"question,A,B,answer\nWhat is 2 + 2?,4,5,A\nWhat is {SECRET}?,yes,no,{SECRET}\n")
     bad_header = tmp_path / "bad-header.csv"
@@ -332,7 +356,7 @@ def test_typed_paths_and_model_folders_work_only_inside_files_dir(lab, tiny_mode
     (tmp_path / "outside.txt").write_text(HAYSTACK_TEXT)
     (shared / "escape.txt").symlink_to(tmp_path / "outside.txt")
     with app_client(lab, free_port, files_dir=shared) as client:
-        _, status = client.predict("fact", "hay.txt", "256", "0.5", 1, api_name="/retrieval")
+        _, status, *_ = client.predict("fact", "hay.txt", "256", "0.5", 1, api_name="/retrieval")
         assert str(shared / "hay.txt") in status
         with pytest.raises(AppError, match="haystack is empty"):  # an absolute path inside is read too
             client.predict("fact", str(shared / "blank.txt"), "256", "0.5", 1, api_name="/retrieval")
@@ -348,7 +372,7 @@ def test_typed_paths_and_model_folders_work_only_inside_files_dir(lab, tiny_mode
         assert len(statuses) == 1 and "Could not load" in statuses.pop()
         shutil.copytree(tiny_model_dir, shared / "tiny-llama")
         _, info = client.predict("tiny-llama", api_name="/load_model")
-        assert (info["name"], info["n_layers"]) == ("tiny-llama", 2)
+        assert (facts(info)["name"], facts(info)["layers"]) == ("tiny-llama", "2")
 
 
 def test_a_remote_app_loads_no_local_folder_and_never_says_which_paths_exist(lab, tiny_model_dir, tmp_path, monkeypatch):
@@ -358,10 +382,10 @@ def test_a_remote_app_loads_no_local_folder_and_never_says_which_paths_exist(lab
     messages = set()
     for typed in (tiny_model_dir, str(tmp_path / "missing"), "/etc", "tiny-llama", "no-such-org/no-such-model"):
         with pytest.raises(hl.ModelLoadError) as caught:
-            bench.load(typed)
+            bench.load(typed, session="visitor")
         messages.add(without(str(caught.value), typed))
     assert len(messages) == 1 and "no local folder" in messages.pop()
-    assert bench.lab is lab and bench.loads == 0
+    assert bench.lab is lab and bench.loads == 0 and bench.model_key("visitor") == "embedded" and bench.pool.keys() == ["embedded"]
 
 
 def test_serving_beyond_loopback_needs_allow_remote_warns_and_can_ask_a_login(lab, free_port, capsys):
@@ -378,7 +402,7 @@ def test_serving_beyond_loopback_needs_allow_remote_warns_and_can_ask_a_login(la
         with pytest.raises(Exception):
             Client(url, verbose=False).predict(api_name="/model_info")  # no login, no app
         _, info = Client(url, auth=("ada", "s3cret"), verbose=False).predict(api_name="/model_info")
-        assert info["n_layers"] == 30
+        assert facts(info)["layers"] == "30"
     finally:
         demo.close()
 
@@ -395,7 +419,7 @@ def pattern_values(view: str) -> str:
     return re.sub(r"circuits-vis-[0-9a-f-]+", "circuits-vis", view)
 
 
-def test_two_jobs_submitted_at_once_finish_right_and_in_order(client):
+def test_a_pattern_read_during_an_ablation_waits_for_the_model_and_sees_no_hook(client):
     ablate = ("L18H6, L17H3, L16H0", "repeated_tokens", "zero", N)  # L16H0 zeroed changes what layer 17 attends to
     _, expected_table = client.predict(*ablate, api_name="/ablate")
     expected_view = client.predict(PROMPT, "L17H3", api_name="/pattern")
@@ -403,8 +427,58 @@ def test_two_jobs_submitted_at_once_finish_right_and_in_order(client):
     queued(first)
     second = client.submit(PROMPT, "L17H3", api_name="/pattern")  # arrives while the ablation runs (seconds)
     view = second.result(timeout=300)
-    assert first.done()  # one job at a time, first come first served: the quick second job waited
-    assert table_rows(first.result()[1]) == table_rows(expected_table)
-    assert pattern_values(view) == pattern_values(expected_view)  # no ablation hook leaked into the second job
+    assert table_rows(first.result(timeout=300)[1]) == table_rows(expected_table)
+    assert pattern_values(view) == pattern_values(expected_view)  # no ablation hook leaked into the pattern read
     _, info = client.predict(api_name="/model_info")
-    assert info["n_layers"] == 30
+    assert facts(info)["layers"] == "30"
+
+
+# --- linked views and readable figures --------------------------------------------------------------------------------
+
+def plot_data(figure):
+    """A figure as a `gr.Plot` input arrives in a handler."""
+    from gradio.components.plot import PlotData
+
+    return PlotData(type="plotly", plot=figure.to_json())
+
+
+def outlines(figure: dict) -> list[dict]:
+    from app.views import OUTLINE
+
+    return [shape for shape in figure["layout"].get("shapes", []) if shape.get("name") == OUTLINE]
+
+
+def test_a_linked_heatmap_outlines_the_chosen_head_and_says_what_it_holds(induction_scores):
+    """The one link every per-head heatmap uses: the cell of a layer x head grid, the row of a head x domain matrix."""
+    from app.views import focus, highlighted
+    from headlab.scorers.sinks import dormancy_figure
+
+    shown = highlighted(induction_scores.heatmap(), (18, 6))  # a first view: the best head outlined
+    figure, head, details = focus(plot_data(shown), "17.3")
+    (outline,) = outlines(json.loads(figure.plot))  # the earlier outline is gone
+    assert head == "L17H3" and (outline["x0"], outline["y0"]) == (2.5, 16.5)
+    rank = int((induction_scores.values > induction_scores.values[17, 3]).sum()) + 1
+    assert details == f"**L17H3**: induction {float(induction_scores.values[17, 3]):.3f}, rank {rank} of 270."
+    matrix = dormancy_figure(hl.HeadScores(kind="sink", model="m", params={}, values=induction_scores.values,
+                                           raw={"dormancy": torch.stack([induction_scores.values, 1 - induction_scores.values])},
+                                           meta={"domains": ["prose", "code"]}))
+    figure, head, details = focus(plot_data(matrix), "L1H2")
+    (outline,) = outlines(json.loads(figure.plot))
+    assert (outline["y0"], outline["y1"], outline["x0"], outline["x1"]) == (10.5, 11.5, -0.5, 1.5)  # row 1 * 9 + 2
+    value = float(induction_scores.values[1, 2])
+    assert details == f"**L1H2**, dormancy: prose {value:.3f} · code {1 - value:.3f}"
+    with pytest.raises(ValueError, match="Could not read"):
+        focus(plot_data(shown), "head six")
+
+
+def test_the_channel_map_is_ticked_per_layer_and_still_names_every_head_on_hover(client, lab):
+    plot, pairs, status, _ = client.predict("K-composition (sender → receiver's keys)", 0, lab.info.n_layers - 1,
+                                            api_name="/composition_map")
+    figure = json.loads(plot["plot"])
+    for axis in ("xaxis", "yaxis"):
+        assert figure["layout"][axis]["ticktext"] == [f"L{layer}" for layer in range(lab.info.n_layers)]
+        assert figure["layout"][axis]["tickvals"] == [f"L{layer}H0" for layer in range(lab.info.n_layers)]
+    assert len(figure["data"][0]["x"]) == lab.info.n_layers * lab.info.n_heads  # one column per head, as before
+    assert "sender %{y} → receiver %{x}" in figure["data"][0]["hovertemplate"]
+    *_, narrow, _ = client.predict("K-composition (sender → receiver's keys)", 14, 18, api_name="/composition_map")
+    assert "14–18" in narrow
