@@ -10,6 +10,9 @@ from headlab.circuits import ChannelExperiment, ChannelReport, CompositionMap, c
 from headlab.lab import Lab, ModelInfo, PromptTooLongError
 from headlab.loading import ModelLoadError, from_model, load
 from headlab.heads import Head
+from headlab.diff import DiffConfig, ModelDiff, diff
+from headlab.compare import CompareConfig, compare_masks
+from headlab.comparison import MaskComparison
 from headlab.masks import HeadMask
 from headlab.scorers import kinds, score, stored
 from headlab.scorers.safety import SaharaResult, sahara
@@ -19,6 +22,7 @@ from headlab.tasks import Task, make_task, task_names
 __all__ = [
     "AblationCurve", "AblationMethod", "AblationResult", "Head", "ChannelExperiment", "ChannelReport", "CompositionMap", "HeadMask",
     "HeadScores", "Lab", "ModelInfo", "ModelLoadError", "PromptTooLongError", "SaharaResult", "Task", "ablate",
-    "ablation_curve", "channel_experiment", "channels", "composition_map", "from_model", "kinds", "load", "make_method", "make_task",
+    "CompareConfig", "MaskComparison", "compare_masks",
+    "ablation_curve", "channel_experiment", "channels", "composition_map", "diff", "DiffConfig", "ModelDiff", "from_model", "kinds", "load", "make_method", "make_task",
     "sahara", "score", "stored", "task_names",
 ]

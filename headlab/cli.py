@@ -3,7 +3,7 @@
 
 Defaults are read, never retyped: a scorer's from its dataclass, an ablation method's flags are
 generated from the registered methods' fields (`headlab.ablation.METHODS`), the curve's from
-`CurveConfig`, a mask's from `MaskConfig`. A flag left out is not passed, so the library's own
+`CurveConfig`, a mask's from `MaskConfig` and the registered mask sources' fields (`headlab.mask_sources`). A flag left out is not passed, so the library's own
 default applies.
 
 Every input is checked (`headlab.validate`) before any work starts: what needs no model before the
@@ -55,7 +55,10 @@ def load_lab(args):
     """The model `--model` names; its own code runs only with `--trust-remote-code`."""
     import headlab as hl
 
-    return hl.load(args.model, device=args.device, **_given(trust_remote_code=True if args.trust_remote_code else None))
+    from headlab.placement import parse_device_map
+
+    return hl.load(args.model, device=args.device, **_given(trust_remote_code=True if args.trust_remote_code else None,
+                                                            device_map=parse_device_map(getattr(args, "device_map", None))))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,15 +79,31 @@ def _dest(name: str) -> str:
     return f"method_{name}"
 
 
+def registry_flag_fields(classes: dict[str, type]) -> dict[str, dict[str, object]]:
+    """`{field: {name: default}}` over the registered dataclasses `classes` (`{name: class}`), fields in declaration order."""
+    fields: dict[str, dict[str, object]] = {}
+    for name in sorted(classes):
+        for field in dataclasses.fields(classes[name]):
+            fields.setdefault(field.name, {})[name] = field.default
+    return fields
+
+
 def method_flag_fields() -> dict[str, dict[str, object]]:
     """`{field: {method: default}}` over every registered ablation method, fields in declaration order."""
     from headlab.ablation import METHODS
 
-    fields: dict[str, dict[str, object]] = {}
-    for method in sorted(METHODS):
-        for field in dataclasses.fields(METHODS[method]):
-            fields.setdefault(field.name, {})[method] = field.default
-    return fields
+    return registry_flag_fields(METHODS)
+
+
+OWN_FLAG_NAMES = {"kind": "--kind", "seed": "--seed", "score_params": "--param"}  # mask-source fields with flags of their own
+
+
+def mask_source_flag_fields() -> dict[str, dict[str, object]]:
+    """`{field: {mask source: default}}` over every registered mask source, but those with flags of their own."""
+    from headlab.mask_sources import source_class, source_names
+
+    fields = registry_flag_fields({name: source_class(name) for name in source_names()})
+    return {name: owners for name, owners in fields.items() if name not in OWN_FLAG_NAMES}
 
 
 def _read_bool(text: str) -> bool:
@@ -104,27 +123,35 @@ def _flag_type(default) -> Callable[[str], object]:
     return _json_or_text
 
 
+def _add_registry_args(p: argparse.ArgumentParser, fields: dict[str, dict[str, object]], prefix: str, what: str) -> None:
+    """One flag per distinct field (`fields` as `registry_flag_fields`); default None so the owner's own default applies."""
+    for name, defaults in fields.items():
+        owners = ", ".join(f"{owner} (default {default!r})" for owner, default in defaults.items())
+        p.add_argument(_flag(name), dest=f"{prefix}_{name}", metavar=name.upper(), default=None,
+                       type=_flag_type(next(iter(defaults.values()))), help=f"{what} parameter {name!r} of {owners}")
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    """One flag per distinct field of the registered methods; default None so the method's own default applies."""
-    for name, defaults in method_flag_fields().items():
-        owners = ", ".join(f"{method} (default {default!r})" for method, default in defaults.items())
-        p.add_argument(_flag(name), dest=_dest(name), metavar=name.upper(), default=None,
-                       type=_flag_type(next(iter(defaults.values()))), help=f"ablation method parameter {name!r} of {owners}")
+    _add_registry_args(p, method_flag_fields(), "method", "ablation method")
+
+
+def _chosen_params(args, fields: dict, takes, prefix: str, owner: str) -> dict:
+    """The registry flags given (`prefix_<field>` in `args`), checked against `takes`, the chosen `owner`'s fields."""
+    given = {name: getattr(args, f"{prefix}_{name}") for name in fields if getattr(args, f"{prefix}_{name}", None) is not None}
+    foreign = [name for name in given if name not in takes]
+    if foreign:
+        flags = ", ".join(_flag(name) for name in foreign)
+        allowed = ", ".join(OWN_FLAG_NAMES.get(name, _flag(name)) for name in takes) or "no parameters"
+        raise ValueError(f"{flags} is not a parameter of {owner}; it takes {allowed}.")
+    return given
 
 
 def chosen_method_params(args) -> dict:
     """The method flags given, checked against `args.method`'s fields (a flag of another method is an error)."""
     from headlab.ablation import method_fields
 
-    takes = method_fields(args.method)
-    given = {name: getattr(args, _dest(name)) for name in method_flag_fields()
-             if getattr(args, _dest(name), None) is not None}
-    foreign = [name for name in given if name not in takes]
-    if foreign:
-        flags = ", ".join(_flag(name) for name in foreign)
-        allowed = ", ".join(_flag(name) for name in takes) or "no parameters"
-        raise ValueError(f"{flags} is not a parameter of ablation method '{args.method}'; it takes {allowed}.")
-    return given
+    return _chosen_params(args, method_flag_fields(), method_fields(args.method), "method",
+                          f"ablation method '{args.method}'")
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -223,17 +250,23 @@ def cmd_ablate(args) -> int:
 
 
 def _mask_config(args) -> dict:
-    """The mask flags (`MaskConfig`'s fields), checked before the model loads; the score parameters too."""
+    """The mask flags (`MaskConfig`'s fields, the chosen source's generated flags, `--param` for its score),
+    checked before the model loads."""
+    from headlab.mask_sources import make_source, source_fields
     from headlab.masks import MaskConfig
-    from headlab.scorers import make_scorer
 
     config = dict(kind=args.kind, full_fraction=args.full_fraction, threshold=args.threshold, sink=args.sink,
                   recent=args.recent, seed=args.seed)
     MaskConfig(source=args.source, **config)
+    takes = source_fields(args.source)
+    own = _chosen_params(args, mask_source_flag_fields(), takes, "source", f"mask source '{args.source}'")
     score_params = parse_assignments(args.param, "--param")
-    if args.source == "score":
-        make_scorer(args.kind, **score_params)
-    return {**config, "source": args.source, "score_params": score_params}
+    if score_params and "score_params" not in takes:
+        raise ValueError(f"--param (score parameters) is not a parameter of mask source '{args.source}'.")
+    if score_params:
+        own["score_params"] = score_params
+    make_source(args.source, **own, **{k: config[k] for k in ("kind", "seed") if k in takes})  # its types and values, checked now
+    return {**config, **own, "source": args.source}
 
 
 def _make_mask(lab, config: dict):
@@ -339,6 +372,8 @@ def cmd_app(args) -> int:
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face name or a local folder")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--device-map", default=None, help="shard a model larger than one GPU over this host's GPUs: auto, "
+                   "balanced, ... or a JSON object {module: device} (instead of --device)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a model folder or hub repository run its own Python code (only for code you trust)")
 
@@ -388,21 +423,27 @@ def ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
+def _fraction_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def mask_args(p: argparse.ArgumentParser) -> None:
-    """`MaskConfig`'s fields as flags, defaults read from it."""
-    from headlab.masks import MASK_SOURCES, MaskConfig
+    """`MaskConfig`'s fields as flags, defaults read from it; then every mask source's own parameters (generated)."""
+    from headlab.masks import MaskConfig, mask_sources
 
     config = MaskConfig()
-    p.add_argument("--source", default=config.source, choices=MASK_SOURCES, help="default %(default)s")
-    _score_source_args(p, config.kind, "score kind whose top KV heads stay full")
-    p.add_argument("--full-fraction", type=float, default=config.full_fraction,
-                   help="share of KV heads that keep the full cache (default %(default)s)")
+    p.add_argument("--source", default=config.source, choices=mask_sources(), help="how full KV heads are chosen (default %(default)s)")
+    _score_source_args(p, config.kind, "--source score: the score kind whose top KV heads stay full")
+    p.add_argument("--full-fraction", type=_fraction_or_none, default=config.full_fraction,
+                   help="share of KV heads that keep the full cache (default %(default)s); 'none': the source's own cut "
+                        "(duo, duo_file: gate >= 0.5)")
     p.add_argument("--threshold", type=float, default=config.threshold,
                    help="instead: KV heads whose group score is above this stay full")
     p.add_argument("--sink", type=int, default=config.sink, help="first tokens a streaming head keeps (default %(default)s)")
     p.add_argument("--recent", type=int, default=config.recent,
                    help="last tokens a streaming head keeps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=config.seed, help="--source random: the seed (default %(default)s)")
+    p.add_argument("--seed", type=int, default=config.seed, help="the seed of a seeded source (random, duo) (default %(default)s)")
+    _add_registry_args(p, mask_source_flag_fields(), "source", "mask source")
 
 
 def export_mask_args(p: argparse.ArgumentParser) -> None:
@@ -464,6 +505,8 @@ COMMANDS = [  # (name, help, arguments, command); `channels` is added by headlab
 def build_parser() -> argparse.ArgumentParser:
     """The `headlab` parser, built from the registries as they are now (scorers, tasks, ablation methods)."""
     from headlab.circuits.cli import add_channels_parser
+    from headlab.diff.cli import add_diff_parser
+    from headlab.compare_cli import add_compare_parser
 
     parser = _Parser(prog="headlab", description="What does each attention head do, and which ones can we cut?")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -473,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.set_defaults(func=command)
         if name == "ablate":
             add_channels_parser(sub, model_args)
+            add_diff_parser(sub)
+        if name == "export-mask":
+            add_compare_parser(sub, model_args)
     return parser
 
 

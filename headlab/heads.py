@@ -80,8 +80,11 @@ def format_heads(heads) -> str:
 
 
 def as_heads(heads) -> list[Head]:
-    """Accept [(layer, head)], [(layer, head, value)] (as `HeadScores.top` returns) or [[l, h]]: `[(layer, head)]`."""
-    return [(int(h[0]), int(h[1])) for h in heads]
+    """Accept [(layer, head)], [(layer, head, value)] (as `HeadScores.top` returns), [[l, h]], head labels
+    (["L18H6", "17.3"]) or one string of them ("L18H6, L17H3"): `[(layer, head)]`."""
+    if isinstance(heads, str):
+        return parse_heads(heads)
+    return [parse_heads(h)[0] if isinstance(h, str) else (int(h[0]), int(h[1])) for h in heads]
 
 
 def all_heads(info: ModelInfo) -> list[Head]:

@@ -181,6 +181,9 @@ def test_parse_heads():
     assert parse_heads("18:6 17:3") == [(18, 6), (17, 3)]
     with pytest.raises(ValueError, match="LAYER.HEAD"):
         parse_heads("18-6")
+    # The library's head arguments (hl.ablate(lab, ["L18H6"]), masks, channels) read the same spellings.
+    from headlab.heads import as_heads
+    assert as_heads(["L18H6", "17.3"]) == as_heads("L18H6, 17:3") == as_heads([(18, 6, 0.9), [17, 3]]) == [(18, 6), (17, 3)]
 
 
 def test_app_command_serves_the_page(tmp_path, free_port):

@@ -83,6 +83,20 @@ class AblationCurve:
             "baseline": [self.baseline] * len(self.ks),
         })
 
+    def sets_frame(self):
+        """One row per ablated head set: `k`, `set` (top-k, random 1, ...), its `heads` (`L18H6, ...`) and its `value`."""
+        import pandas as pd
+
+        from headlab.heads import format_heads
+
+        rows = []
+        for i, k in enumerate(self.ks):
+            rows.append({"k": k, "set": f"top-{k}", "heads": format_heads(self.top_heads[i]), "value": self.top[i]})
+            sets = self.random_heads[i] if i < len(self.random_heads) else [[] for _ in self.random[i]]
+            rows += [{"k": k, "set": f"random {j + 1}", "heads": format_heads(heads), "value": value}
+                     for j, (heads, value) in enumerate(zip(sets, self.random[i]))]
+        return pd.DataFrame(rows, columns=["k", "set", "heads", "value"])
+
     def summary(self) -> str:
         """One Markdown sentence: what was compared, on which task, and the intact value."""
         return (f"Top-k **{self.scores['kind']}** heads vs {len(self.random[0]) if self.random else 0} random sets per k "
