@@ -5,7 +5,7 @@
 Every score kind with its default parameters, the top-k vs random-k ablation curve of the
 induction score with the curve defaults (`CurveConfig()`: the Ablate tab's first view), and the
 retrieval curve of the default retrieval run (`RETRIEVAL_CURVE`: the Retrieval tab's) and its accuracy grid
-(top-`ABLATE_K` heads ablated, `app.needle_grid`: the tab's "Accuracy intact vs ablated" with the defaults).
+(top-`ABLATE_K` heads ablated, `headlab.needle_grid`: the tab's "Accuracy intact vs ablated" with the defaults).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 import headlab as hl
 from headlab.heads import head_label
-from app.needle_grid import needle_grid  # the Retrieval tab's accuracy grid, stored
+from headlab.needle_grid import needle_grid  # the Retrieval tab's accuracy grid, stored
 from headlab.ablation.methods import DEFAULT_METHOD
 from headlab.scorers.retrieval import ABLATE_K, retrieval_curve
 from report import recompute_args  # analyses/report.py

@@ -2,7 +2,7 @@
 
 Scores retrieval heads on a needle-in-a-haystack grid, shows the top heads, the needle accuracy
 over context length x depth intact and with the top-k heads ablated (`needle_accuracy`), and the
-top-k vs random-k curve (`retrieval_curve`), each read from the store when there (`app.needle_grid` keeps the
+top-k vs random-k curve (`retrieval_curve`), each read from the store when there (`headlab.needle_grid` keeps the
 grid): the form's defaults are the retrieval scorer's, so the shipped runs in cached_runs/ answer them and those
 buttons compute nothing. The heatmap of every head's score is linked (`app.views.link_heads`): a cell or a row of
 the top table outlines a head and says its score and rank. The haystack is a built-in one, an uploaded text file, or a path
@@ -16,7 +16,7 @@ import pandas as pd
 
 import headlab as hl
 from app.feedback import progress_to, shows_errors
-from app.needle_grid import StoredGrid, grid_params, needle_grid, stored_grid
+from headlab.needle_grid import StoredGrid, grid_params, needle_grid, stored_grid
 from app.inputs import check_count, hiding_file_text, parse_numbers  # noqa: F401  (parse_numbers: also the runtime tab's)
 from app.workbench import Workbench
 from app.views import clickable_heatmap, json_button, link_heads, result_json, table

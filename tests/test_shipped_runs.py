@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-import app.needle_grid
+import headlab.needle_grid
 import headlab as hl
 import headlab.scorers.retrieval
 from headlab import store
@@ -38,7 +38,7 @@ def shipped_store_only(monkeypatch):
     def no_grid(*args, **kwargs):
         raise AssertionError("the Retrieval grid would be computed")
 
-    for module in (app.needle_grid, headlab.scorers.retrieval):
+    for module in (headlab.needle_grid, headlab.scorers.retrieval):
         monkeypatch.setattr(module, "needle_accuracy", no_grid)
 
 

@@ -6,8 +6,8 @@ of it; this module gives it one, `headlab.needle_accuracy/v1` JSON (a few number
 `headlab.store` like every run (`store.cached_run`: the user's results first, then the shipped twin in cached_runs/,
 which `make cache` writes with `analyses/make_cache.py`). The key is the retrieval run (`scores.params`), k and the
 method, so the shipped grid answers the tab's defaults and a button press with them computes nothing.
-(Deviation: a record format outside the library, because the tab is the only reader; it moves to `NeedleAccuracy`
-as `save`/`load` when the library wants one.)
+It lives in the library (not in app/) because `analyses/make_cache.py` writes the shipped grid with it and analyses
+use headlab alone; the Retrieval tab reads it.
 """
 from __future__ import annotations
 
