@@ -3,8 +3,10 @@
 The form's defaults are the library's (`CurveConfig()`, `DEFAULT_METHOD`), and its method parameter
 fields are generated from the registered ablation methods' dataclass fields: one number per
 (method, parameter), so a new method class appears here without editing the app. Results come from
-`hl.ablate` / `hl.ablation_curve` and are shown through their own `summary()`, `to_frame()`, `figure()`.
+`hl.ablate` / `hl.ablation_curve` and are shown through their own `summary()`, `to_frame()`, `figure()`; each
+downloads as JSON (the single ablation as its record, `ablation_record`).
 """
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -17,10 +19,11 @@ from app.atlas_tab import MAX_N, AtlasTab, run_params
 from app.feedback import READ_EVENT, progress_to, reads_store, shows_errors
 from app.inputs import check_count, format_heads, parse_heads, parse_ks
 from app.workbench import Workbench
-from app.views import result_json, table
-from headlab.ablation import METHODS, method_fields
+from app.views import json_button, record_json, result_json, table
+from headlab.ablation import METHODS, AblationResult, method_fields
 from headlab.ablation.curve import DEFAULTS, AblationCurve
 from headlab.ablation.methods import DEFAULT_METHOD
+from headlab.heads import head_label
 
 DEFAULT_HEADS = [(18, 6), (17, 3)]  # two induction heads of the embedded model
 RESULT_COLUMNS = ["task", "method", "heads", "intact", "ablated", "damage"]  # AblationResult.to_frame's
@@ -86,6 +89,7 @@ class AblateTab:
     ablate_button: gr.Button
     summary: gr.Markdown
     result: gr.Dataframe
+    result_download: gr.DownloadButton  # the single ablation, as JSON
     ks: gr.Textbox
     n_random: gr.Number
     curve_button: gr.Button
@@ -138,8 +142,10 @@ def layout_ablate_form(atlas: AtlasTab) -> dict:
         numbers = layout_method_fields()
     summary = gr.Markdown(label="ablation summary", elem_id="ablate-summary")
     result = table(pd.DataFrame(columns=RESULT_COLUMNS), label="Metric intact vs ablated", elem_id="ablate-result")
+    result_download = json_button("ablate-json", "⬇ JSON of this ablation")
     return dict(heads=heads, kind=kind, k=k, fill_button=fill_button, task=task, method=method, task_n=task_n,
-                method_fields=numbers, ablate_button=ablate_button, summary=summary, result=result)
+                method_fields=numbers, ablate_button=ablate_button, summary=summary, result=result,
+                result_download=result_download)
 
 
 def layout_curve_section() -> dict:
@@ -165,14 +171,22 @@ def layout(atlas: AtlasTab) -> AblateTab:
     return AblateTab(**layout_ablate_form(atlas), **layout_curve_section())
 
 
+def ablation_record(result: AblationResult, model: str, n: int) -> dict:
+    """A single ablation as a JSON record: the model, the task (and its n samples), the method and its parameters,
+    the heads (`L18H6`) and the metric intact (`baseline`), ablated and the damage."""
+    fields = dataclasses.asdict(result)
+    return {"record": "ablation_result", "model": model, **fields, "heads": [head_label(*head) for head in result.heads],
+            "n": n, "damage": result.damage}
+
+
 def ablate_view(bench: Workbench, heads_text: str, task: str, method: str, n: float, values: dict, progress) -> tuple:
-    """(summary, table) of ablating the typed heads."""
+    """(summary, table, JSON) of ablating the typed heads."""
     heads = parse_heads(heads_text, bench.info)
     n = check_count(n, "task samples (n)", 1, MAX_N)
     params = chosen_method_params(method, values)
     progress(0.0, f"{method}-ablating {len(heads)} heads on {task}")
     result = hl.ablate(bench.lab, heads, task=task, method=method, n=n, method_params=params)
-    return result.summary(bench.info.name), result.to_frame()
+    return result.summary(bench.info.name), result.to_frame(), record_json(ablation_record(result, bench.info.name, n), "ablation")
 
 
 def curve_view(bench: Workbench, kind: str, score_n: float, score_seed: float, task: str, ks_text: str, method: str,
@@ -217,7 +231,7 @@ def wire(tab: AblateTab, bench: Workbench, atlas: AtlasTab, concurrency_id: str)
     )
     tab.ablate_button.click(
         takes_method_fields(ablate, ["heads_text", "task", "method", "n"]),
-        inputs=[tab.heads, tab.task, tab.method, tab.task_n, *tab.method_fields], outputs=[tab.summary, tab.result],
+        inputs=[tab.heads, tab.task, tab.method, tab.task_n, *tab.method_fields], outputs=[tab.summary, tab.result, tab.result_download],
         api_name="ablate", **lab_job,
     )
     curve_fixed = ["kind", "score_n", "score_seed", "task", "ks_text", "method", "n_random", "n"]

@@ -4,6 +4,8 @@ Opens on a stored diff of the visitor's model (the default-config one first, so 
 embedded -> embedded-refusal run; nothing is computed or loaded): the summary, the QK / OV / MLP weight-change
 heatmaps, the most changed heads, the score shifts and the behaviour check. A job diffs the visitor's model (A)
 against a second model (B) typed by name, loaded into the shared pool. Form defaults come from `DiffConfig`.
+The per-head maps and tables are linked (`app.views.link_heads`): a click on a head's cell (weight change or score
+shift) or a table row outlines it on both maps and shows its numbers in both models beside the weight map.
 A view only: every number, table and figure comes from `headlab.diff`.
 """
 from __future__ import annotations
@@ -19,11 +21,12 @@ import pandas as pd
 import headlab as hl
 from app.feedback import READ_EVENT, progress_to, reads_store, shows_errors
 from app.inputs import check_count, check_whole
-from app.views import json_button, result_json, table
+from app.views import clickable_heatmap, json_button, link_heads, result_json, table
 from app.workbench import Workbench
 from headlab import store
 from headlab.ablation.methods import parameterless_methods
 from headlab.diff import DiffConfig, ModelDiff, ModelId, run_path
+from headlab.heads import head_label, parse_heads
 from headlab.tasks import task_names
 
 DEFAULTS = DiffConfig()
@@ -37,6 +40,7 @@ INTRO = (
     "against random head sets (does a changed head matter?)."
 )
 MOVED = ["a", "b", "delta", "rank_a", "rank_b", "moved"]  # `ModelDiff.moved` columns, without the kind prefix
+HEAD_HINT = "Click a head on the weight or score map, or a table row: its numbers in both models show here."
 
 
 @dataclass
@@ -48,18 +52,23 @@ class DiffTab:
     run_button: gr.Button
     summary: gr.Markdown
     weights: gr.Plot
+    clicked: gr.Textbox  # hidden: the weight map cell clicked (`app.page`)
+    head: gr.Textbox
+    details: gr.Markdown  # the chosen head's numbers in both models
     heads: gr.Dataframe
     scores: gr.Plot
+    scores_clicked: gr.Textbox  # hidden: the score map cell clicked
     moved: gr.Dataframe
     behaviour: gr.Plot
     behaviour_table: gr.Dataframe
     download: gr.DownloadButton  # the diff shown, as JSON
+    shown: gr.State  # the `ModelDiff` shown, which the chosen head's numbers read
     first_view: Callable | None = None
 
     @property
     def first_outputs(self) -> list:
         return [self.stored, self.summary, self.weights, self.heads, self.scores, self.moved, self.behaviour,
-                self.behaviour_table, self.download]
+                self.behaviour_table, self.download, self.details, self.shown]
 
 
 def stored_runs(bench: Workbench) -> dict[str, str]:
@@ -81,12 +90,33 @@ def moved_frame(result: ModelDiff) -> pd.DataFrame | None:
 
 
 def diff_view(result: ModelDiff) -> tuple:
-    """Summary, weight heatmaps, the most changed heads, the first kind's score shift, rank moves and the behaviour check."""
+    """Summary, weight heatmaps, the most changed heads, the first kind's score shift, rank moves, the behaviour check,
+    the JSON, the head hint and the diff itself (`DiffTab.first_outputs` after the listing)."""
     first_kind = next(iter(result.scores), None)
     heads = result.to_frame().head(result.top)
     return (result.summary(), result.figure(), heads, result.score_figure(first_kind) if first_kind else None,
             moved_frame(result), result.behaviour_figure() if result.behaviour else None,
-            result.behaviour_frame() if result.behaviour else None, result_json(result, "model-diff"))
+            result.behaviour_frame() if result.behaviour else None, result_json(result, "model-diff"), HEAD_HINT, result)
+
+
+def head_in_both(result: ModelDiff | None, head_text: str) -> str:
+    """A head's numbers in both models: how much its QK and OV circuits changed and, per score kind of the diff, its
+    score and rank in A and in B (`ModelDiff.to_frame`'s row of the head)."""
+    label = head_label(*parse_heads(head_text)[0])
+    if result is None:
+        return f"**{label}** (no diff shown yet)."
+    frame = result.to_frame().set_index("head")
+    if label not in frame.index:
+        raise ValueError(f"{label} is not a head of this diff's models.")
+    row = frame.loc[label]
+    text = (f"**{label}** (change rank {int(row['change_rank'])} of {len(frame)}): QK circuit changed by {row['qk']:.4f}, "
+            f"OV circuit by {row['ov']:.4f} (‖B − A‖ / ‖A‖).")
+    if not result.scores:
+        return text + " This diff compared no score kinds."
+    lines = [f"Scores in A ({result.model_a}) → B ({result.model_b}):"]
+    lines += [f"- **{kind}**: {row[f'{kind}_a']:.3f} (rank {int(row[f'{kind}_rank_a'])}) → {row[f'{kind}_b']:.3f} "
+              f"(rank {int(row[f'{kind}_rank_b'])}), B − A {row[f'{kind}_delta']:+.3f}" for kind in result.scores]
+    return text + "\n\n" + "\n".join(lines)
 
 
 def config_inputs() -> list:
@@ -115,6 +145,24 @@ def read_config(values: tuple) -> dict:
     return form
 
 
+def maps_layout() -> tuple:
+    """The linked per-head views: the weight map with the chosen head beside it, the most changed heads, the score map
+    and the rank moves: (weights, clicked, head, details, download, heads, scores, scores_clicked, moved)."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            weights, clicked = clickable_heatmap("weight change per head (QK, OV) and per layer (MLP)", "diff-weights")
+        with gr.Column(scale=2):
+            head = gr.Textbox(head_label(0, 0), label="head (L18H6 or 18.6)", elem_id="diff-head")
+            details = gr.Markdown(elem_id="diff-details")
+            download = json_button("diff-json", "⬇ JSON of this diff")
+    heads = table(label="most changed heads — click a row", elem_id="diff-heads")
+    with gr.Row():
+        with gr.Column(scale=3):
+            scores, scores_clicked = clickable_heatmap("score in B − A (first kind)", "diff-scores")
+        moved = table(label="ranks moved most near the top — click a row", elem_id="diff-moved", scale=2)
+    return weights, clicked, head, details, download, heads, scores, scores_clicked, moved
+
+
 def layout() -> DiffTab:
     gr.Markdown(INTRO)
     with gr.Row():
@@ -127,17 +175,12 @@ def layout() -> DiffTab:
     with gr.Row():
         config = config_inputs()
     summary = gr.Markdown(NO_RUN, elem_id="diff-summary")
-    download = json_button("diff-json", "⬇ JSON of this diff")
-    weights = gr.Plot(label="weight change per head (QK, OV) and per layer (MLP)", elem_id="diff-weights")
-    heads = table(label="most changed heads", elem_id="diff-heads")
-    with gr.Row():
-        scores = gr.Plot(label="score in B − A (first kind)", elem_id="diff-scores", scale=3)
-        moved = table(label="ranks moved most near the top", elem_id="diff-moved", scale=2)
+    weights, clicked, head, details, download, heads, scores, scores_clicked, moved = maps_layout()
     with gr.Row():
         behaviour = gr.Plot(label="most changed heads vs random heads ablated", elem_id="diff-behaviour", scale=3)
         behaviour_table = table(label="behaviour per model", elem_id="diff-behaviour-table", scale=2)
-    return DiffTab(stored, show_button, model_b, config, run_button, summary, weights, heads, scores, moved, behaviour,
-                   behaviour_table, download)
+    return DiffTab(stored, show_button, model_b, config, run_button, summary, weights, clicked, head, details, heads, scores,
+                   scores_clicked, moved, behaviour, behaviour_table, download, gr.State())
 
 
 def load_chosen(bench: Workbench, label: str | None) -> ModelDiff:
@@ -159,15 +202,25 @@ def model_b_lab(bench: Workbench, name: str):
     return entry
 
 
-def wire(tab: DiffTab, bench: Workbench, concurrency_id: str) -> None:
-    """The tab's events: show a stored diff, compare the visitor's model with model B."""
+def first_view(bench: Workbench) -> tuple:
+    """`DiffTab.first_outputs`: the stored diffs of the visitor's model, the first one shown (nothing computed or loaded)."""
+    runs = stored_runs(bench)
+    listing = gr.update(choices=list(runs), value=next(iter(runs), None))
+    if not runs:
+        return listing, NO_RUN, None, None, None, None, None, None, None, HEAD_HINT, None
+    return listing, *diff_view(load_chosen(bench, next(iter(runs))))
 
-    def first_view() -> tuple:
-        runs = stored_runs(bench)
-        listing = gr.update(choices=list(runs), value=next(iter(runs), None))
-        if not runs:
-            return listing, NO_RUN, None, None, None, None, None, None, None
-        return listing, *diff_view(load_chosen(bench, next(iter(runs))))
+
+def link_head_views(tab: DiffTab) -> None:
+    """A head chosen on either map (a cell), in either table (a row) or typed: outlined on both maps, its numbers in
+    both models beside the weight map (read from the diff shown)."""
+    numbers = dict(fn=reads_store(head_in_both), inputs=[tab.shown, tab.head], outputs=[tab.details], **READ_EVENT)
+    link_heads(tab.weights, tab.clicked, tab.head, tab.details, tables=[tab.heads, tab.moved], then=[numbers],
+               also=[(tab.scores, tab.scores_clicked)])
+
+
+def wire(tab: DiffTab, bench: Workbench, concurrency_id: str) -> None:
+    """The tab's events: show a stored diff, compare the visitor's model with model B, and the linked head views."""
 
     @reads_store
     def show(label: str) -> tuple:
@@ -189,7 +242,8 @@ def wire(tab: DiffTab, bench: Workbench, concurrency_id: str) -> None:
     tab.show_button.click(show, inputs=[tab.stored], outputs=tab.first_outputs[1:], api_name="diff_show", **READ_EVENT)
     tab.run_button.click(run, inputs=[tab.model_b, *tab.config], outputs=tab.first_outputs, api_name="diff",
                          concurrency_id=concurrency_id)
-    tab.first_view = first_view
+    link_head_views(tab)
+    tab.first_view = lambda: first_view(bench)
 
 
 def build_diff_tab(bench: Workbench, concurrency_id: str) -> DiffTab:

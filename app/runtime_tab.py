@@ -1,7 +1,9 @@
 """The Export & runtime tab: turn a score into a head mask, see the KV memory it saves, download it,
 and run it in headlab's compressed-KV runtime side by side with the full cache.
 
-Every event rebuilds the mask from the form (scores come from the store), so the tab keeps no state.
+Every event rebuilds the mask from the form (scores come from the store), so the tab keeps no state. The live
+measurements download as CSV (the table shown) and as JSON (`measurement_json`: the mask measured and every row
+unrounded).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from app.feedback import shows_errors
 from app.inputs import check_count
 from app.retrieval_tab import parse_numbers
 from app.workbench import Workbench
-from app.views import table
+from app.views import frame_records, json_button, record_json, table
 from headlab import runtime
 from headlab.masks import DUO_TSV, HeadMask, KVMemory, MaskConfig, kv_memory, make_mask
 from headlab.runtime.benchmark import readable
@@ -32,6 +34,7 @@ MAX_NEW_TOKENS = 64
 DUO_FILES = f"{DUO_TSV} and config.json"
 DEFAULT_CONTEXTS = "256, 512"  # CPU-sized; a GPU box can measure 8k and more
 DEFAULT_QUALITY_LENGTH = 512
+MEASURE_STEPS = {"new_tokens": 8, "warmup": 2}  # decode steps of a live measurement (CPU-sized)
 
 
 @dataclass
@@ -57,9 +60,11 @@ class RuntimeTab:
     contexts: gr.Textbox
     measure_button: gr.Button
     measure_table: gr.Dataframe
+    measure_json: gr.DownloadButton
     quality_length: gr.Number
     quality_button: gr.Button
     quality_table: gr.Dataframe
+    quality_json: gr.DownloadButton
     first_view: Callable | None = None  # set by the wiring: the default mask, from stored scores
 
     @property
@@ -149,15 +154,22 @@ def default_prompt(bench: Workbench) -> str:
 
 
 def measure_frame(bench: Workbench, mask: HeadMask, contexts: list[int]) -> pd.DataFrame:
-    """`runtime.measure` for the full cache and `mask`, in MiB and ms for reading."""
+    """`runtime.measure` for the full cache and `mask` (bytes and seconds; `readable` shows it in MiB and ms)."""
     for context in contexts:
         bench.lab.check_length(context, "measured context")
-    return readable(runtime.measure(bench.lab, mask, contexts=contexts, new_tokens=8, warmup=2))
+    return runtime.measure(bench.lab, mask, contexts=contexts, **MEASURE_STEPS)
 
 
 def quality_frame(bench: Workbench, mask: HeadMask, length: int) -> pd.DataFrame:
     """Needle accuracy and KL vs the full cache for `mask`, a random mask and all-streaming at the same budget."""
-    return quality_at_budget(bench.lab, mask, lengths=[length]).round(4)
+    return quality_at_budget(bench.lab, mask, lengths=[length])
+
+
+def measurement_json(bench: Workbench, record: str, mask: HeadMask, frame: pd.DataFrame, **params) -> str:
+    """A live measurement as one JSON download: the model, the mask measured (its `headlab.head_mask/v1` record), the
+    measurement's parameters and every row of `frame`, unrounded."""
+    return record_json({"record": record, "model": bench.info.name, "mask": mask.to_record(), **params,
+                        "rows": frame_records(frame)}, record.replace("_", "-"))
 
 
 def mask_layout(bench: Workbench) -> dict:
@@ -207,12 +219,15 @@ def run_layout(bench: Workbench) -> dict:
         quality_length = gr.Number(DEFAULT_QUALITY_LENGTH, precision=0, label="quality: context (tokens)", elem_id="runtime-quality-length")
         quality_button = gr.Button("Measure quality", elem_id="runtime-quality")
     measure_table = table(label="full cache vs compressed", interactive=False, elem_id="runtime-measure-table")
+    measure_json = json_button("runtime-measure-json", "⬇ JSON of this measurement")
     quality_table = table(label="needle accuracy (3 depths) and KL vs the full cache on prose", interactive=False,
                                  elem_id="runtime-quality-table")
+    quality_json = json_button("runtime-quality-json", "⬇ JSON of this quality run")
     return dict(prompt=prompt, new_tokens=new_tokens, generate_button=generate_button, full_text=full_text,
                 compressed_text=compressed_text, generation_table=generation_table, contexts=contexts,
-                measure_button=measure_button, measure_table=measure_table, quality_length=quality_length,
-                quality_button=quality_button, quality_table=quality_table)
+                measure_button=measure_button, measure_table=measure_table, measure_json=measure_json,
+                quality_length=quality_length, quality_button=quality_button, quality_table=quality_table,
+                quality_json=quality_json)
 
 
 def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
@@ -233,16 +248,6 @@ def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
         result = side_by_side(bench.lab, mask, prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
         return result.full_text, result.compressed_text, result.to_frame()
 
-    @shows_errors
-    def measure_live(source, kind, full_fraction, sink, recent, contexts_text, upload=None) -> pd.DataFrame:
-        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
-        return measure_frame(bench, mask, parse_numbers(contexts_text, "contexts", int))
-
-    @shows_errors
-    def measure_quality(source, kind, full_fraction, sink, recent, length, upload=None) -> pd.DataFrame:
-        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
-        return quality_frame(bench, mask, check_count(length, "quality context", 64, bench.info.n_ctx))
-
     def first_view(source, kind, full_fraction, sink, recent) -> tuple:
         """The form's mask when its scores are stored (a mask from a score kind reads the stored run), else a hint."""
         if SOURCES.get(source) == "score" and hl.stored(bench.lab, kind) is None:
@@ -251,14 +256,36 @@ def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
 
     form, upload = tab.form, tab.upload
     lab_job = {"concurrency_id": concurrency_id}
-    tab.measure_button.click(measure_live, inputs=[*form, tab.contexts, upload], outputs=[tab.measure_table], api_name="runtime_measure", **lab_job)
-    tab.quality_button.click(measure_quality, inputs=[*form, tab.quality_length, upload], outputs=[tab.quality_table],
-                             api_name="runtime_quality", **lab_job)
     tab.build_button.click(build, inputs=[*form, upload], outputs=tab.first_outputs, api_name="export_mask", **lab_job)
     upload.upload(build, inputs=[*form, upload], outputs=tab.first_outputs, api_visibility="private", **lab_job)
     tab.generate_button.click(generate, inputs=[*form, tab.prompt, tab.new_tokens, upload],
                               outputs=[tab.full_text, tab.compressed_text, tab.generation_table], api_name="runtime_generate", **lab_job)
+    wire_measures(tab, bench, lab_job)
     tab.first_view = first_view
+
+
+def wire_measures(tab: RuntimeTab, bench: Workbench, lab_job: dict) -> None:
+    """The live measurements of the form's mask: memory and speed, and quality; each a table and its JSON."""
+
+    @shows_errors
+    def measure_live(source, kind, full_fraction, sink, recent, contexts_text, upload=None) -> tuple:
+        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
+        contexts = parse_numbers(contexts_text, "contexts", int)
+        frame = measure_frame(bench, mask, contexts)
+        return readable(frame), measurement_json(bench, "runtime_measure", mask, frame, contexts=contexts, **MEASURE_STEPS)
+
+    @shows_errors
+    def measure_quality(source, kind, full_fraction, sink, recent, length, upload=None) -> tuple:
+        mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
+        length = check_count(length, "quality context", 64, bench.info.n_ctx)
+        frame = quality_frame(bench, mask, length)
+        return frame.round(4), measurement_json(bench, "runtime_quality", mask, frame, length=length)
+
+    form, upload = tab.form, tab.upload
+    tab.measure_button.click(measure_live, inputs=[*form, tab.contexts, upload], outputs=[tab.measure_table, tab.measure_json],
+                             api_name="runtime_measure", **lab_job)
+    tab.quality_button.click(measure_quality, inputs=[*form, tab.quality_length, upload], outputs=[tab.quality_table, tab.quality_json],
+                             api_name="runtime_quality", **lab_job)
 
 
 def build_runtime_tab(bench: Workbench, concurrency_id: str) -> RuntimeTab:

@@ -1,6 +1,8 @@
-"""View pieces every tab shares: readable tables with a CSV download, a result's JSON record offered for download,
-and linked views: a per-head heatmap whose cell click (or a table row, or a typed head) outlines that head on it and
-says what the heatmap holds for it beside it, then shows the tab's own view of that head (`link_heads`).
+"""View pieces every tab shares: readable tables with a CSV download, a result's JSON record offered for download
+(`result_json` for a result with `save(path)`, `record_json` for one without), and linked views: a per-head heatmap
+whose cell click (or a table row, or a typed head) outlines that head on it and says what the heatmap holds for it
+beside it, then shows the tab's own view of that head (`link_heads`); on a pair map (head labels on both axes) a click
+picks a (sender, receiver) pair, whose cell `outline_pair` outlines.
 
 The link reads the heatmap the visitor sees (gradio sends a `gr.Plot` input as its plotly JSON), not the store: what
 it says about a head is exactly what is drawn, for a stored run or one just computed, and it needs no model. The
@@ -36,10 +38,17 @@ def rounded(frame: pd.DataFrame | None, digits: int = DIGITS) -> pd.DataFrame | 
     """`frame` with its float columns rounded for reading (the CSV download keeps these values)."""
     if not isinstance(frame, pd.DataFrame):
         return frame
-    return frame.round({column: digits for column in frame.columns if pd.api.types.is_float_dtype(frame[column])})
+    floats = [column for column in frame.columns if pd.api.types.is_float_dtype(frame[column])]
+    # float64 first: a rounded float32 (0.068) is shown as its nearest float64 (0.0680000036954878)
+    return frame.astype({column: "float64" for column in floats}).round({column: digits for column in floats})
 
 
 OUTLINE = "headlab-outline"  # the name of the shape that outlines the chosen head
+
+
+def _rect(x0: float, x1: float, y0: float, y1: float) -> dict:
+    """The outline shape (named `OUTLINE`) of the rectangle x0..x1, y0..y1 in the first subplot's data coordinates."""
+    return {"type": "rect", "name": OUTLINE, "x0": x0, "x1": x1, "y0": y0, "y1": y1, "line": {"color": "#ff2d55", "width": 3}}
 
 
 def _outline(head: Head, trace: dict) -> dict:
@@ -49,11 +58,14 @@ def _outline(head: Head, trace: dict) -> dict:
     rows = trace.get("y")
     if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], str):
         row = list(rows).index(head_label(layer, index))
-        x0, x1, y0, y1 = -0.5, len(trace.get("x") or [0]) - 0.5, row - 0.5, row + 0.5
-    else:
-        x0, x1, y0, y1 = index - 0.5, index + 0.5, layer - 0.5, layer + 0.5
-    return {"type": "rect", "name": OUTLINE, "x0": x0, "x1": x1, "y0": y0, "y1": y1,
-            "line": {"color": "#ff2d55", "width": 3}}
+        return _rect(-0.5, len(trace.get("x") or [0]) - 0.5, row - 0.5, row + 0.5)
+    return _rect(index - 0.5, index + 0.5, layer - 0.5, layer + 0.5)
+
+
+def _pair_outline(sender: Head, receiver: Head, trace: dict) -> dict:
+    """The rectangle around the (sender, receiver) cell of a pair map `trace` (head labels on both axes, senders on y)."""
+    column, row = list(trace["x"]).index(head_label(*receiver)), list(trace["y"]).index(head_label(*sender))
+    return _rect(column - 0.5, column + 0.5, row - 0.5, row + 0.5)
 
 
 def highlighted(figure, head: Head):
@@ -96,6 +108,13 @@ def _plot_json(value) -> dict | None:
     return json.loads(plot) if isinstance(plot, str) else None
 
 
+def _with_outline(figure: dict, shape: dict) -> PlotData:
+    """A plotly figure (JSON) with `shape` as its only outline, as a `gr.Plot` value."""
+    layout = figure.setdefault("layout", {})
+    layout["shapes"] = [kept for kept in layout.get("shapes", []) if kept.get("name") != OUTLINE] + [shape]
+    return PlotData(type="plotly", plot=json.dumps(figure))
+
+
 def focus(plot, head_text: str) -> tuple:
     """A head chosen on a linked heatmap: (the heatmap with it outlined, its label, what the heatmap holds for it)."""
     bench, _ = current_session()
@@ -108,9 +127,23 @@ def focus(plot, head_text: str) -> tuple:
         details = _heatmap_details(trace, head)
     except (ValueError, IndexError):
         raise ValueError(f"{head_label(*head)} is not on this heatmap.") from None
-    layout = figure.setdefault("layout", {})
-    layout["shapes"] = [shape for shape in layout.get("shapes", []) if shape.get("name") != OUTLINE] + [_outline(head, trace)]
-    return PlotData(type="plotly", plot=json.dumps(figure)), head_label(*head), details
+    return _with_outline(figure, _outline(head, trace)), head_label(*head), details
+
+
+def outlined(plot, head_text: str):
+    """The heatmap with the head outlined (`focus` without its words): another heatmap of the same heads."""
+    return focus(plot, head_text)[0]
+
+
+def outline_pair(plot, sender: Head, receiver: Head):
+    """A pair map (a `gr.Plot` value) with the (sender, receiver) cell outlined; skip when no map is shown."""
+    figure = _plot_json(plot)
+    if figure is None or not figure.get("data"):
+        return gr.skip()
+    try:
+        return _with_outline(figure, _pair_outline(sender, receiver, figure["data"][0]))
+    except (ValueError, KeyError):
+        raise ValueError(f"{head_label(*sender)} → {head_label(*receiver)} is not on this map: widen its layers.") from None
 
 
 def clickable_heatmap(label: str, elem_id: str, **kw) -> tuple[gr.Plot, gr.Textbox]:
@@ -141,20 +174,26 @@ def picked_head(frame: pd.DataFrame, evt: gr.SelectData):
 
 
 def link_heads(heatmap: gr.Plot, clicked: gr.Textbox, head: gr.Textbox, details: gr.Markdown, *,
-               tables: Sequence[gr.Dataframe] = (), then: Sequence[dict] = (), api_name: str | None = None):
+               tables: Sequence[gr.Dataframe] = (), then: Sequence[dict] = (),
+               also: Sequence[tuple[gr.Plot, gr.Textbox]] = (), api_name: str | None = None):
     """Link a `clickable_heatmap` to a head box: a cell click, a row of one of `tables` (its `head` column) or a head
     typed (Enter) outlines that head on the heatmap and writes what it holds into `details`, then runs the events
-    `then` (the tab's own view of the head, e.g. its pattern) one after another. Returns `follow(dependency)`, which
-    chains the same after any event that sets the head box (e.g. a table with more columns to read)."""
+    `then` (the tab's own view of the head, e.g. its pattern) one after another. `also`: more `clickable_heatmap`s
+    (plot, clicked) of the same heads: a click on one chooses the head too, and each outlines it. Returns
+    `follow(dependency)`, which chains the same after any event that sets the head box (e.g. a table with more
+    columns to read)."""
     focus_event = dict(fn=reads_store(focus), inputs=[heatmap, head], outputs=[heatmap, head, details], **READ_EVENT)
+    views = [dict(fn=reads_store(outlined), inputs=[plot, head], outputs=[plot], **READ_EVENT) for plot, _ in also] + list(then)
 
     def follow(dependency, named: bool = False):
         event = dependency.success(**focus_event, **({"api_name": api_name} if named and api_name else {"api_visibility": "private"}))
-        for view in then:
+        for view in views:
             event = event.success(api_visibility="private", **view)
         return event
 
     follow(clicked.change(clicked_head, inputs=[clicked], outputs=[head], api_visibility="private", **READ_EVENT), named=True)
+    for _, other in also:
+        follow(other.change(clicked_head, inputs=[other], outputs=[head], api_visibility="private", **READ_EVENT))
     for frame in tables:
         follow(frame.select(picked_head, inputs=[frame], outputs=[head], api_visibility="private", **READ_EVENT))
     follow(head.submit(lambda text: text, inputs=[head], outputs=[head], api_visibility="private", **READ_EVENT))
@@ -172,6 +211,19 @@ def frame_csv(frame, name: str) -> str | None:
         return None
     path = _download_path(name, ".csv")
     frame.to_csv(path, index=False)
+    return str(path)
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict]:
+    """A table's rows as JSON-ready dicts (numpy numbers as Python's, NaN as None), for a `record_json`."""
+    return json.loads(frame.to_json(orient="records", double_precision=15))
+
+
+def record_json(record: dict, name: str) -> str:
+    """A result that has no `save(path)` (a single ablation, a live measurement) as one JSON file to download: `record`,
+    written atomically (NaN and infinities as null) into a fresh folder of the downloads folder."""
+    path = _download_path(name, ".json")
+    store.write_json(path, record)
     return str(path)
 
 

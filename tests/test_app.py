@@ -89,21 +89,26 @@ def test_pattern_view_is_a_circuitsvis_iframe(client):
 def test_ablating_top4_induction_heads_raises_repeated_token_loss(client):
     heads_text = client.predict("induction", 4, N, 0, api_name="/top_heads")
     assert len(heads_text.split(",")) == 4 and heads_text.startswith("L")
-    summary, table = client.predict(heads_text, "repeated_tokens", "mean", N, api_name="/ablate")
+    summary, table, result_json = client.predict(heads_text, "repeated_tokens", "mean", N, api_name="/ablate")
     (row,) = table_rows(table)
     assert row["heads"] == heads_text
     assert row["ablated"] > row["intact"] + 1.0
     assert row["damage"] > 1.0 and "repeated_tokens" in summary
+    record = json.loads(Path(result_json).read_text())  # the ablation downloads as its JSON record, unrounded
+    assert record["record"] == "ablation_result" and record["heads"] == heads_text.split(", ")
+    assert (record["task"], record["method"], record["n"], record["model"]) == ("repeated_tokens", "mean", N, "SmolLM2-135M-Instruct")
+    assert round(record["damage"], 4) == row["damage"] and round(record["baseline"], 4) == row["intact"]
 
 
 def test_streaming_window_ablation_takes_its_window_from_the_form(client):
     """A 16-token window hides the first copy from the induction heads; a 200-token one hides nothing."""
     heads_text = client.predict("induction", 4, N, 0, api_name="/top_heads")
     window = {"task": "repeated_tokens", "method": "streaming_window", "n": 2, "streaming_window_sink": 4}
-    _, narrow = client.predict(heads_text, **window, streaming_window_recent=16, api_name="/ablate")
-    _, wide = client.predict(heads_text, **window, streaming_window_recent=200, api_name="/ablate")
+    _, narrow, narrow_json = client.predict(heads_text, **window, streaming_window_recent=16, api_name="/ablate")
+    _, wide, _ = client.predict(heads_text, **window, streaming_window_recent=200, api_name="/ablate")
     assert table_rows(narrow)[0]["damage"] > 2.0
     assert abs(table_rows(wide)[0]["damage"]) < 1e-3
+    assert json.loads(Path(narrow_json).read_text())["method_params"] == {"sink": 4, "recent": 16}  # the window ablated
     with pytest.raises(AppError, match="recent >= 1"):
         client.predict("18.6", **window, streaming_window_recent=0, api_name="/ablate")
 
@@ -276,10 +281,26 @@ def test_runtime_tab_measures_memory_live_and_rejects_a_context_beyond_the_model
     from app.runtime_tab import SOURCES
 
     streaming = list(SOURCES)[2]
-    rows = {row["cache"]: row for row in table_rows(client.predict(streaming, "retrieval", 0.5, 4, 16, "48", api_name="/runtime_measure"))}
+    table, measure_json = client.predict(streaming, "retrieval", 0.5, 4, 16, "48", api_name="/runtime_measure")
+    rows = {row["cache"]: row for row in table_rows(table)}
     assert rows["compressed"]["KV MiB held"] < rows["hf_full"]["KV MiB held"] and rows["compressed"]["held / ideal"] == 1.0
+    record = json.loads(Path(measure_json).read_text())  # the measurement downloads as JSON: the mask and every row, in bytes
+    assert record["record"] == "runtime_measure" and record["contexts"] == [48] and record["mask"]["record"] == "head_mask"
+    measured = {row["cache"]: row for row in record["rows"]}
+    assert measured.keys() == rows.keys() and measured["compressed"]["kv_bytes"] < measured["hf_full"]["kv_bytes"]
+    assert measured["compressed"]["kv_bytes"] / 2**20 == pytest.approx(rows["compressed"]["KV MiB held"], abs=0.006)
     with pytest.raises(AppError, match="longer than SmolLM2-135M-Instruct's context"):
         client.predict(streaming, "retrieval", 0.5, 4, 16, "99999", api_name="/runtime_measure")
+
+
+def test_runtime_quality_downloads_its_rows_as_json(client):
+    from app.runtime_tab import SOURCES
+
+    table, quality_json = client.predict(list(SOURCES)[2], "retrieval", 0.5, 4, 16, 64, api_name="/runtime_quality")
+    record = json.loads(Path(quality_json).read_text())
+    assert record["record"] == "runtime_quality" and record["length"] == 64 and record["mask"]["n_layers"] == 30
+    assert [row["mask"] for row in record["rows"]] == [row["mask"] for row in table_rows(table)]
+    assert [row["needle_accuracy"] for row in record["rows"]] == pytest.approx([row["needle_accuracy"] for row in table_rows(table)], abs=1e-4)
 
 
 # --- what the app reads of the server, who may reach it, and jobs that overlap ----------------------------------------
@@ -421,7 +442,7 @@ def pattern_values(view: str) -> str:
 
 def test_a_pattern_read_during_an_ablation_waits_for_the_model_and_sees_no_hook(client):
     ablate = ("L18H6, L17H3, L16H0", "repeated_tokens", "zero", N)  # L16H0 zeroed changes what layer 17 attends to
-    _, expected_table = client.predict(*ablate, api_name="/ablate")
+    _, expected_table, _ = client.predict(*ablate, api_name="/ablate")
     expected_view = client.predict(PROMPT, "L17H3", api_name="/pattern")
     first = client.submit(*ablate, api_name="/ablate")
     queued(first)
@@ -472,13 +493,34 @@ def test_a_linked_heatmap_outlines_the_chosen_head_and_says_what_it_holds(induct
 
 
 def test_the_channel_map_is_ticked_per_layer_and_still_names_every_head_on_hover(client, lab):
-    plot, pairs, status, _ = client.predict("K-composition (sender → receiver's keys)", 0, lab.info.n_layers - 1,
-                                            api_name="/composition_map")
+    plot, pairs, status, _, _ = client.predict("K-composition (sender → receiver's keys)", 0, lab.info.n_layers - 1,
+                                               api_name="/composition_map")
     figure = json.loads(plot["plot"])
     for axis in ("xaxis", "yaxis"):
         assert figure["layout"][axis]["ticktext"] == [f"L{layer}" for layer in range(lab.info.n_layers)]
         assert figure["layout"][axis]["tickvals"] == [f"L{layer}H0" for layer in range(lab.info.n_layers)]
     assert len(figure["data"][0]["x"]) == lab.info.n_layers * lab.info.n_heads  # one column per head, as before
     assert "sender %{y} → receiver %{x}" in figure["data"][0]["hovertemplate"]
-    *_, narrow, _ = client.predict("K-composition (sender → receiver's keys)", 14, 18, api_name="/composition_map")
-    assert "14–18" in narrow
+    _, _, narrow, _, hint = client.predict("K-composition (sender → receiver's keys)", 14, 18, api_name="/composition_map")
+    assert "14–18" in narrow and "Click a cell" in hint
+
+
+def test_a_pair_picked_on_the_channel_map_is_outlined_and_its_composition_shown(lab):
+    """A click on the pair map (`L16H0>L18H6`) fills the pair form; the cell is outlined and its composition shown."""
+    from app.channels_tab import focus_pair, pair_of_click
+    from app.page import clicked_pair
+    from headlab.circuits.composition import stored_map
+
+    assert pair_of_click("L16H0>L18H6@1733400000000") == ("L16H0", "L18H6") == clicked_pair("L16H0>L18H6@1")
+    cmap, bench = stored_map(lab, "k"), Workbench(lab)
+    shown = plot_data(cmap.heatmap((16, 18)))  # 27 heads a side: L16H0 is row 0, L18H6 column 2 * 9 + 6
+    figure, details = focus_pair(bench, shown, cmap, "L16H0", "18.6")
+    (outline,) = outlines(json.loads(figure.plot))
+    assert (outline["x0"], outline["x1"], outline["y0"], outline["y1"]) == (23.5, 24.5, -0.5, 0.5)
+    score = cmap.score((16, 0), (18, 6))
+    rank = int((cmap.values[cmap.valid()] > score).sum()) + 1
+    assert details.startswith(f"**L16H0 → L18H6**, K-composition: score {score:.3f}, rank {rank:,} of {int(cmap.valid().sum()):,} pairs, "
+                              f"{cmap.z_score(score):.0f} sd above random matrices")
+    assert "no composition" in focus_pair(bench, shown, cmap, "L18H6", "L16H0")[1]  # a receiver before its sender
+    with pytest.raises(ValueError, match="not on this map"):
+        focus_pair(bench, shown, cmap, "L2H0", "L18H6")

@@ -47,7 +47,7 @@ def test_first_view_shows_the_shipped_pair_computing_nothing(lab, monkeypatch):
     monkeypatch.setattr(diff_module, "_compute", refuse)
     bench = Workbench(lab, None)
     _, tab = built(bench)
-    listing, summary, weights, heads, scores, moved, behaviour, behaviour_table, download = tab.first_view()
+    listing, summary, weights, heads, scores, moved, behaviour, behaviour_table, download, details, shown = tab.first_view()
     top = head_label(*shipped.changed_heads(1)[0])
     assert "embedded-refusal" not in bench.pool.keys()  # model B was not loaded
     assert listing["value"] in listing["choices"] and "shipped" in listing["value"]
@@ -57,6 +57,30 @@ def test_first_view_shows_the_shipped_pair_computing_nothing(lab, monkeypatch):
     assert set(moved["kind"]) == set(shipped.scores) and behaviour is not None
     assert list(behaviour_table["model"]) == [shipped.model_a, shipped.model_b]
     assert json.loads(Path(download).read_text())["record"] == "model_diff"  # the diff downloads as JSON
+    assert "Click a head" in details and torch.equal(shown.qk, shipped.qk)  # the diff shown, which a chosen head reads
+
+
+def test_a_head_chosen_on_the_maps_shows_its_numbers_in_both_models(lab):
+    """What a click on a weight or score map cell (or a table row) shows beside the map: `head_in_both`, after the
+    linked views outline the head on both maps."""
+    from app.diff_tab import head_in_both
+    from app.views import outlined
+    from gradio.components.plot import PlotData
+
+    shipped = diff_module.stored_diff("embedded", "embedded-refusal")
+    (layer, head), = shipped.changed_heads(1)
+    label, row = head_label(layer, head), shipped.to_frame().set_index("head").loc[head_label(layer, head)]
+    text = head_in_both(shipped, f"{layer}.{head}")
+    assert text.startswith(f"**{label}** (change rank 1 of 270): QK circuit changed by {row['qk']:.4f}, OV circuit by {row['ov']:.4f}")
+    assert f"Scores in A ({shipped.model_a}) → B ({shipped.model_b}):" in text
+    for kind in shipped.scores:
+        assert (f"- **{kind}**: {row[f'{kind}_a']:.3f} (rank {int(row[f'{kind}_rank_a'])}) → {row[f'{kind}_b']:.3f} "
+                f"(rank {int(row[f'{kind}_rank_b'])}), B − A {row[f'{kind}_delta']:+.3f}") in text
+    assert "no diff shown yet" in head_in_both(None, label)
+    kind = next(iter(shipped.scores))
+    figure = json.loads(outlined(PlotData(type="plotly", plot=shipped.score_figure(kind).to_json()), label).plot)
+    (outline,) = figure["layout"]["shapes"]  # the score map outlines the same head
+    assert (outline["x0"] + 0.5, outline["y0"] + 0.5) == (head, layer)
 
 
 @pytest.fixture()
