@@ -66,6 +66,7 @@ def copy_hits(attention: torch.Tensor, prompt_ids: torch.Tensor, generated_id: i
 
 def needle_copies(top: torch.Tensor, prompt_ids: torch.Tensor, generated_id: int, needle_start: int, needle_end: int) -> torch.Tensor:
     """`copy_hits` from the argmax keys `top` `[layer, head]`: in `[needle_start, needle_end)` and holding `generated_id`."""
+    top = top.to(prompt_ids.device)  # rows read on the GPU, prompt ids on the CPU
     in_needle = (top >= needle_start) & (top < needle_end)
     token_there = prompt_ids[top.clamp(max=len(prompt_ids) - 1)]
     return in_needle & (token_there == generated_id)
