@@ -226,11 +226,15 @@ def evaluate_mask(lab: Lab, mask: HeadMask, suite: Suite, runtime: dict, progres
     return MaskEval(mask_key(mask), scores, predictions, kl, kv_bytes, round(time.perf_counter() - started, 2))
 
 
+def evaluation_path(lab: Lab, mask: HeadMask, config: CompareConfig, where: dict) -> Path:
+    """Where the evaluation of `mask` on `config`'s suite under the runtime key `where` (`runtime_key`) is stored."""
+    return store.run_path(lab.info.slug, "mask-eval", {"mask": mask_key(mask), "suite": config.suite(), "runtime": where})
+
+
 def stored_evaluation(lab: Lab, mask: HeadMask, config: CompareConfig, runtime: dict, suite: Callable[[], Suite],
                       progress: Callable[[str], None] | None = None, recompute: bool = False) -> MaskEval:
     """`evaluate_mask`, read from the store when this mask ran on this suite with this runtime before."""
-    key = {"mask": mask_key(mask), "suite": config.suite(), "runtime": runtime_key(lab, runtime)}
-    path = store.run_path(lab.info.slug, "mask-eval", key)
+    path = evaluation_path(lab, mask, config, runtime_key(lab, runtime))
     return store.cached_run(path, MaskEval.load, lambda: evaluate_mask(lab, mask, suite(), runtime, progress), recompute=recompute)
 
 
@@ -328,8 +332,6 @@ def compare_masks(
 
 
 def _run(lab: Lab, config: CompareConfig, source_params: dict | None, runtime: dict, recompute: bool, progress: Progress | None):
-    from headlab.comparison import MaskComparison
-
     report = progress or (lambda fraction, message: None)
     report(0.0, "building the masks")
     entries = comparison_masks(lab, config, source_params)
@@ -340,14 +342,43 @@ def _run(lab: Lab, config: CompareConfig, source_params: dict | None, runtime: d
             built.append(build_suite(lab, config, runtime))
         return built[0]
 
-    rows = []
+    results = []
     for i, entry in enumerate(entries):
-        label = entry.source + (f" seed {entry.seed}" if entry.seed is not None else "") + f" at {entry.budget:.0%}"
-        result = stored_evaluation(lab, entry.mask, config, runtime, suite, recompute=recompute,
-                                   progress=lambda cell: report(i / len(entries), f"{label}: {cell}"))
-        rows += entry_rows(entry, result, config.kl_samples)
+        results.append(stored_evaluation(lab, entry.mask, config, runtime, suite, recompute=recompute,
+                                         progress=lambda cell: report(i / len(entries), f"{entry_label(entry)}: {cell}")))
     report(1.0, "done")
+    return _comparison(lab, config, source_params, entries, results, runtime_key(lab, runtime))
+
+
+def entry_label(entry: Entry) -> str:
+    return entry.source + (f" seed {entry.seed}" if entry.seed is not None else "") + f" at {entry.budget:.0%}"
+
+
+def _comparison(lab: Lab, config: CompareConfig, source_params: dict | None, entries: list[Entry], results: list[MaskEval],
+                where: dict):
+    from headlab.comparison import MaskComparison
+
+    rows = [row for entry, result in zip(entries, results) for row in entry_rows(entry, result, config.kl_samples)]
     masks = [{"source": e.source, "seed": e.seed, "budget": e.budget, "time_s": e.time_s, "mask": e.mask.to_record()}
              for e in entries]
     return MaskComparison(model=lab.info.name, config=config.params(), source_params=source_params or {}, rows=rows,
-                          masks=masks, runtime=runtime_key(lab, runtime))
+                          masks=masks, runtime=where)
+
+
+def assemble_stored(lab: Lab, config: CompareConfig, where: dict, source_params: dict | None = None):
+    """The comparison of `config` put together from mask evaluations stored earlier under the runtime key `where`
+    (a `runtime_key` dict, e.g. `{"device": "cuda", "dtype": "float32", "attention": "sdpa", "chunk_size": 2048}`:
+    a run on a GPU, cut short, whose runs folder was copied here), evaluating nothing. The masks are built here
+    (stored sources, such as duo's trained gates, are read) and each evaluation is looked up by its key, so a mask
+    that differs from the one evaluated is not found. Returns (the `MaskComparison` of the masks found, the labels
+    of the masks with no stored evaluation)."""
+    config = config.resolved()
+    found, missing = [], []
+    for entry in comparison_masks(lab, config, source_params):
+        result = store.stored_run(evaluation_path(lab, entry.mask, config, where), MaskEval.load)
+        if result is None:
+            missing.append(entry_label(entry))
+        else:
+            found.append((entry, result))
+    entries, results = [e for e, _ in found], [r for _, r in found]
+    return _comparison(lab, config, source_params, entries, results, where), missing

@@ -67,6 +67,31 @@ def test_stored_and_keyed_by_every_parameter(tiny_lab, comparison, monkeypatch):
         hl.compare_masks(tiny_lab, sources=["random", "attention_area"], **{**SMALL, "n": 2})  # another suite
 
 
+def test_a_run_cut_short_is_assembled_from_its_stored_evaluations(tiny_lab, comparison, monkeypatch):
+    """A comparison cut short on another device: its copied evaluations give the same rows, computing nothing; a mask
+    whose evaluation is missing is named, not run, and evaluations stored under another runtime key are not used."""
+    monkeypatch.setattr(compare, "evaluate_mask", lambda *a, **k: pytest.fail("assembling must evaluate nothing"))
+    config = CompareConfig(sources=("random", "attention_area"), **{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in SMALL.items()})
+    where = comparison.runtime
+    whole, missing = compare.assemble_stored(tiny_lab, config, where)
+    assert missing == [] and whole.rows == comparison.rows
+    lost = next(e for e in compare.comparison_masks(tiny_lab, config.resolved()) if e.source == "attention_area" and e.budget == 0.5)
+    path = compare.evaluation_path(tiny_lab, lost.mask, config.resolved(), where)
+    monkeypatch.setattr(compare.store, "shipped_twin", lambda p: None)
+    path.rename(path.with_suffix(".moved"))
+    try:
+        part, missing = compare.assemble_stored(tiny_lab, config, where)
+    finally:
+        path.with_suffix(".moved").rename(path)
+    assert missing == ["attention_area at 50%"]
+    assert len(part.rows) == len(comparison.rows) - 2  # its suite row and its KL row
+    assert compare.assemble_stored(tiny_lab, config, {**where, "device": "cuda"})[1] == [
+        "full cache at 100%", "all_streaming at 0%", *(f"{s}{' seed ' + str(seed) if s == 'random' else ''} at {b:.0%}"
+                                                       for s in ("random", "attention_area") for b in (0.25, 0.5, 0.75)
+                                                       for seed in ((0, 1) if s == "random" else (None,)))]
+
+
 def test_unequal_budgets_are_refused(tiny_lab, monkeypatch):
     real = compare.make_mask
 
