@@ -150,6 +150,47 @@ def test_duo_training_lowers_its_loss_and_moves_its_gates(tiny_lab):
     assert _objective(tiny_lab, trained.gates, seed=99) < _objective(tiny_lab, start, seed=99)
 
 
+def test_checkpointed_training_gives_the_same_loss_and_gradients(tiny_lab):
+    """Checkpointing the gated pass (for prompts whose activations would not fit) changes memory, not the numbers."""
+    m = model_modules(tiny_lab.hf_model)
+    prompts = duo_passkeys.PasskeyPrompts(tiny_lab, TINY_DUO["num_passkeys"], TINY_DUO["passkey_words"])
+    sample = next(duo_passkeys.sample_stream(prompts, TINY_DUO["context_min"], TINY_DUO["context_max"], 5))
+    results = []
+    for checkpointed in (False, True):
+        gates = torch.tensor([[0.9, 0.3], [0.6, 0.1]], requires_grad=True)
+        with duo.frozen(tiny_lab.hf_model):
+            loss = duo.step_loss(m, sample, gates, WINDOW["sink"], WINDOW["recent"], 0.05, checkpointed)[0]
+            loss.backward()
+        results.append((loss.detach(), gates.grad))
+    (plain_loss, plain_grad), (ckpt_loss, ckpt_grad) = results
+    assert plain_grad.abs().max() > 0 and torch.allclose(ckpt_loss, plain_loss) and torch.allclose(ckpt_grad, plain_grad, atol=1e-7)
+
+
+def test_checkpointing_is_what_brings_32k_training_of_an_8b_model_onto_one_gpu():
+    """`activation_bytes` for the Llama-3.1-8B shape in bf16: plain 185 GiB at 32k (the figure of the H100 run's
+    refusal), checkpointed ~36.5 GiB (fits an 80 GB card)."""
+    from types import SimpleNamespace
+
+    m = SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(1, 4096, dtype=torch.bfloat16)), n_layers=32, n_heads=32,
+                        n_kv_heads=8, d_head=128, layers=[SimpleNamespace(down=SimpleNamespace(in_features=14336))])
+    assert round(duo.activation_bytes(m, 32768, False) / 2**30, 1) == 185.0
+    assert 30 < duo.activation_bytes(m, 32768, True) / 2**30 < 40
+
+
+def test_a_length_that_fits_only_checkpointed_trains_checkpointed_and_one_that_does_not_is_refused(tiny_lab, monkeypatch):
+    monkeypatch.setattr(duo, "activation_bytes", lambda m, length, checkpointed: length * (10 if checkpointed else 100))
+    monkeypatch.setattr(duo, "free_bytes", lambda device: 50 * TINY_DUO["context_max"] / 0.8)  # room for checkpointed only
+    used = []
+    real = duo.step_loss
+    monkeypatch.setattr(duo, "step_loss", lambda *a: used.append(a[-1]) or real(*a))
+    duo.Duo(**TINY_DUO).check(tiny_lab, duo.MaskConfig(**WINDOW))
+    trained = duo.train(tiny_lab, duo.Duo(**{**TINY_DUO, "steps": 2}), progress=False, **WINDOW)
+    assert used == [True, True] and trained.gates.shape == (2, 2)
+    monkeypatch.setattr(duo, "free_bytes", lambda device: 5 * TINY_DUO["context_max"] / 0.8)
+    with pytest.raises(MemoryError, match="checkpointed layer by layer.*lower context_max"):
+        duo.Duo(**TINY_DUO).check(tiny_lab, duo.MaskConfig(**WINDOW))
+
+
 def test_duo_gates_are_stored_and_read_back(tiny_lab, monkeypatch):
     first = make_mask(tiny_lab, "duo", full_fraction=0.5, seed=3, **WINDOW, **TINY_DUO)
     monkeypatch.setattr(duo, "train", lambda *a, **k: pytest.fail("trained again instead of reading the stored gates"))

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab import store
-from headlab.lab import Lab
+from headlab.lab import Lab, free_bytes
 from headlab.mask_sources import MaskSource, budget_of
 from headlab.mask_sources import duo_gates, duo_passkeys
 from headlab.masks import HeadMask, MaskConfig, duo_full
@@ -74,9 +74,18 @@ class Duo(MaskSource):
 
     Cost: `steps` training steps, each a full forward pass (no gradients), a gated forward and its backward
     (gradients for the gates only): about 3 forward passes of a `context_min`..`context_max`-token prompt,
-    so time grows with steps x mean length x model size (plus length^2 attention). Memory: the gated pass's
-    activations, about `(8 d_model + 4 heads*d_head + 2 kv_heads*d_head + 3 d_mlp) x bytes` per token and
-    layer, plus a `[length, length]` boolean mask; `check` refuses a `context_max` that does not fit.
+    so time grows with steps x mean length x model size (plus length^2 attention). Memory (`activation_bytes`):
+    the gated pass's activations, about `(8 d_model + 4 heads*d_head + 2 kv_heads*d_head + 3 d_mlp) x bytes` per
+    token and layer, plus a `[length, length]` boolean mask. Where that does not fit, the gated pass is
+    checkpointed layer by layer (the same gates, one more forward pass): per token, each layer's input and
+    the teacher's attention output, `(2 d_model + heads*d_head) x bytes`, plus the activations of the layer
+    being recomputed and their gradients (two layers' worth);
+    `check` refuses a `context_max` that does not fit even so. Measured: on an H100 (Llama-3.1-8B shape,
+    2026-12-06, plain) 8k-token prompts took 39.9 GiB (estimate 46) and ~5 s a step; on the CPU (embedded model,
+    2048 tokens, after a warm-up step) plain 2.20 GiB (estimate 2.73), checkpointed 0.85 GiB (estimate 0.58: the
+    CPU's attention backward also holds `[heads, length, length]` buffers of the recomputed layer). For the 8B
+    shape the checkpointed estimate is 36.5 GiB at 32k (DuoAttention's own training length: fits one H100) and
+    158 GiB at 128k (refused on one H200); not yet measured on a GPU.
     The embedded model at the defaults on the 2-core CPU (2026-12-06): 5.8 s per step idle (48 steps ~ 4.6 min),
     13.3 s per step (639 s in all) while the test suite shared the cores, 40-120 s while 8-12 other processes ran.
     Stored: a second call is instant.
@@ -150,26 +159,28 @@ def check_model(m) -> None:
                          f"{m.name} has sliding-window layers or soft-capping.")
 
 
+def activation_bytes(m, length: int, checkpointed: bool) -> int:
+    """The training step's activation memory for a `length`-token prompt (see `Duo`'s cost), plain or checkpointed."""
+    d_model, d_mlp, size = m.embed.weight.shape[1], m.layers[0].down.in_features, m.embed.weight.element_size()
+    layer = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp  # one layer's, per token
+    kept = (2 * d_model + m.n_heads * m.d_head) * m.n_layers + 2 * layer if checkpointed else layer * m.n_layers
+    return length * kept * size + length * length
+
+
+def needs_checkpointing(m, length: int) -> bool:
+    """Whether a `length`-token step must be checkpointed: its plain activations would not fit (80% of free memory)."""
+    return activation_bytes(m, length, False) > 0.8 * free_bytes(m.device)
+
+
 def check_memory(lab: Lab, length: int) -> None:
-    """Refuse a training length whose activations (see `Duo`'s cost) would not fit in the device's free memory."""
+    """Refuse a training length whose activations would not fit in the device's free memory even checkpointed."""
     m = model_modules(lab.hf_model)
     check_model(m)
-    d_model, d_mlp = m.embed.weight.shape[1], m.layers[0].down.in_features
-    width = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp
-    needed = length * width * m.embed.weight.element_size() * m.n_layers + length * length
-    free = free_bytes(m.device)
+    needed, free = activation_bytes(m, length, True), free_bytes(m.device)
     if needed > 0.8 * free:
         raise MemoryError(f"Mask source 'duo': training on {length}-token prompts needs about {needed / 2**30:.1f} GiB for "
-                          f"activations, {free / 2**30:.1f} GiB free on {m.device}: lower context_max.")
-
-
-def free_bytes(device: torch.device) -> int:
-    """Free memory on `device` (CUDA: the driver's count; CPU: the system's available memory)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
+                          f"activations (checkpointed layer by layer), {free / 2**30:.1f} GiB free on {m.device}: "
+                          f"lower context_max.")
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -195,7 +206,8 @@ def train(lab: Lab, config: Duo, sink: int, recent: int, progress: bool = True) 
             with torch.no_grad():
                 gates.clamp_(0, 1)
             sample = next(samples)
-            loss, distill, reg = step_loss(m, sample, gates, sink, recent, config.reg_weight)
+            loss, distill, reg = step_loss(m, sample, gates, sink, recent, config.reg_weight,
+                                           needs_checkpointing(m, sample.tokens.shape[1]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -209,11 +221,12 @@ def train(lab: Lab, config: Duo, sink: int, recent: int, progress: bool = True) 
                     history=history, seconds=round(time.perf_counter() - started, 2), device=str(m.device))
 
 
-def step_loss(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float):
+def step_loss(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float,
+              checkpointed: bool = False):
     """`(loss, distill, reg)` of the gated model against the full model on one sample (`duo_gates.losses`)."""
     tokens, labels = sample.tokens.to(m.device), sample.labels.to(m.device)
     full = duo_gates.teacher(m, tokens, start=min(sink + recent, tokens.shape[1] - 1))
-    hidden = duo_gates.student(m, tokens, gates, full, sink, recent)
+    hidden = duo_gates.student(m, tokens, gates, full, sink, recent, checkpointed)
     return duo_gates.losses(hidden, full, labels, gates, reg_weight)
 
 

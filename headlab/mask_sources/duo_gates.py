@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from headlab.ablation.methods import streaming_window_allowed
 from headlab.runtime.fused import ModuleOps
@@ -50,10 +51,14 @@ class Teacher:
     start: int
 
 
-def run_layers(m: ModelModules, tokens: torch.Tensor, attend: Attend, start: int = 0) -> torch.Tensor:
+def run_layers(m: ModelModules, tokens: torch.Tensor, attend: Attend, start: int = 0, checkpointed: bool = False) -> torch.Tensor:
     """Embed `tokens` `[batch, t]` (at positions `start`..`start + t - 1`) and run every decoder layer with
     `attend(index, layer, q, k, v)` computing attention (`q` `[batch, heads, t, d_head]`, `k`/`v` `[batch, kv_heads,
-    t, d_head]`, rotary applied) -> `[batch, heads, t, d_head]`; returns the final-norm hidden states `[batch, t, d_model]`."""
+    t, d_head]`, rotary applied) -> `[batch, heads, t, d_head]`; returns the final-norm hidden states `[batch, t, d_model]`.
+
+    `checkpointed`: keep only each layer's input for the backward pass and run the layer again there
+    (`torch.utils.checkpoint`, non-reentrant: gradients reach the gates `attend` reads): the same values and
+    gradients, one layer's activations instead of every layer's, for one more forward pass."""
     ops, (batch, t) = ModuleOps(), tokens.shape
     x, delta = m.embed(tokens.to(m.device)), None
     tables = m.rotary_tables(x, torch.arange(start, start + t, device=m.device))
@@ -63,7 +68,10 @@ def run_layers(m: ModelModules, tokens: torch.Tensor, attend: Attend, start: int
             q, k = ops.rotary(q, k, *tables[layer.layer_type])
             return attend(index, layer, q, k, v).transpose(1, 2).reshape(batch, t, -1)
 
-        x, delta = layer_forward(layer, x, delta, heads, ops, m.parallel_residual)
+        if checkpointed:
+            x, delta = checkpoint(layer_forward, layer, x, delta, heads, ops, m.parallel_residual, use_reentrant=False)
+        else:
+            x, delta = layer_forward(layer, x, delta, heads, ops, m.parallel_residual)
     return ops.add_norm(x, delta, m.final_norm)[1]
 
 
@@ -90,9 +98,11 @@ def teacher(m: ModelModules, tokens: torch.Tensor, start: int) -> Teacher:
     return full
 
 
-def student(m: ModelModules, tokens: torch.Tensor, gates: torch.Tensor, full: Teacher, sink: int, recent: int) -> torch.Tensor:
+def student(m: ModelModules, tokens: torch.Tensor, gates: torch.Tensor, full: Teacher, sink: int, recent: int,
+            checkpointed: bool = False) -> torch.Tensor:
     """The gated run: `gates` `[n_layers, n_kv_heads]` (clamped to [0, 1]) mix each layer's streaming attention with
-    the teacher's full attention; returns the final-norm hidden states `[batch, pos - full.start, d_model]`.
+    the teacher's full attention; returns the final-norm hidden states `[batch, pos - full.start, d_model]`
+    (`checkpointed`: see `run_layers`).
 
     Only positions from `full.start` on are computed. A query before `sink + recent` sees every earlier key even
     when streaming, so up to there the gated run equals the full one exactly, at every layer: with
@@ -109,7 +119,7 @@ def student(m: ModelModules, tokens: torch.Tensor, gates: torch.Tensor, full: Te
         alpha = gates[index].clamp(0, 1).repeat_interleave(group).view(1, -1, 1, 1).to(q.dtype)  # query head h reads KV head h // group
         return (1 - alpha) * sdpa(layer, q, k, v, allowed) + alpha * full.attention[index]
 
-    return run_layers(m, tokens[:, full.start:], attend, full.start)
+    return run_layers(m, tokens[:, full.start:], attend, full.start, checkpointed)
 
 
 def losses(student_hidden: torch.Tensor, full: Teacher, labels: torch.Tensor, gates: torch.Tensor,
