@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +57,7 @@ class RuntimeTab:
     full_text: gr.Textbox
     compressed_text: gr.Textbox
     generation_table: gr.Dataframe
+    generation_json: gr.DownloadButton
     contexts: gr.Textbox
     measure_button: gr.Button
     measure_table: gr.Dataframe
@@ -212,6 +213,7 @@ def run_layout(bench: Workbench) -> dict:
         full_text = gr.Textbox(label="full cache", lines=3, elem_id="runtime-full-text")
         compressed_text = gr.Textbox(label="compressed cache (this mask)", lines=3, elem_id="runtime-compressed-text")
     generation_table = table(label="KV cache held", interactive=False, elem_id="runtime-generation-table")
+    generation_json = json_button("runtime-generation-json", "⬇ JSON of this generation")
     gr.Markdown("### Measure live: memory and speed against the full cache, and what the mask costs in quality")
     with gr.Row():
         contexts = gr.Textbox(DEFAULT_CONTEXTS, label="contexts (tokens)", elem_id="runtime-contexts")
@@ -224,7 +226,8 @@ def run_layout(bench: Workbench) -> dict:
                                  elem_id="runtime-quality-table")
     quality_json = json_button("runtime-quality-json", "⬇ JSON of this quality run")
     return dict(prompt=prompt, new_tokens=new_tokens, generate_button=generate_button, full_text=full_text,
-                compressed_text=compressed_text, generation_table=generation_table, contexts=contexts,
+                compressed_text=compressed_text, generation_table=generation_table, generation_json=generation_json,
+                contexts=contexts,
                 measure_button=measure_button, measure_table=measure_table, measure_json=measure_json,
                 quality_length=quality_length, quality_button=quality_button, quality_table=quality_table,
                 quality_json=quality_json)
@@ -245,8 +248,11 @@ def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
     @shows_errors
     def generate(source, kind, full_fraction, sink, recent, prompt_text, n_new, upload=None) -> tuple:
         mask = form_mask(bench, source, kind, full_fraction, sink, recent, upload)
-        result = side_by_side(bench.lab, mask, prompt_text, check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS))
-        return result.full_text, result.compressed_text, result.to_frame()
+        n_new = check_count(n_new, "new tokens", 1, MAX_NEW_TOKENS)
+        result = side_by_side(bench.lab, mask, prompt_text, n_new)
+        download = measurement_json(bench, "runtime_generation", mask, result.to_frame(), prompt=prompt_text, new_tokens=n_new,
+                                    **asdict(result))  # the texts and the bytes, unrounded
+        return result.full_text, result.compressed_text, result.to_frame(), download
 
     def first_view(source, kind, full_fraction, sink, recent) -> tuple:
         """The form's mask when its scores are stored (a mask from a score kind reads the stored run), else a hint."""
@@ -259,7 +265,8 @@ def wire(tab: RuntimeTab, bench: Workbench, concurrency_id: str) -> None:
     tab.build_button.click(build, inputs=[*form, upload], outputs=tab.first_outputs, api_name="export_mask", **lab_job)
     upload.upload(build, inputs=[*form, upload], outputs=tab.first_outputs, api_visibility="private", **lab_job)
     tab.generate_button.click(generate, inputs=[*form, tab.prompt, tab.new_tokens, upload],
-                              outputs=[tab.full_text, tab.compressed_text, tab.generation_table], api_name="runtime_generate", **lab_job)
+                              outputs=[tab.full_text, tab.compressed_text, tab.generation_table, tab.generation_json],
+                              api_name="runtime_generate", **lab_job)
     wire_measures(tab, bench, lab_job)
     tab.first_view = first_view
 

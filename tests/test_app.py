@@ -268,11 +268,15 @@ def test_export_tab_writes_both_formats_and_only_the_retrieval_mask_keeps_the_ne
     assert (hl.HeadMask.load(tmp_path / "duo", info=lab.info).full == mask.full).all()
 
     prompt = default_prompt(Workbench(lab))  # a fact needle early in ~600 tokens of filler
-    full, kept, table = client.predict(by_score, "retrieval", 0.5, 64, 256, prompt, 6, api_name="/runtime_generate")
+    full, kept, table, generation_json = client.predict(by_score, "retrieval", 0.5, 64, 256, prompt, 6, api_name="/runtime_generate")
     assert "paprika" in full and kept == full  # the retrieval heads keep the needle in their full cache
     rows = table_rows(table)
     assert rows[1]["KV MiB held"] < rows[0]["KV MiB held"]
-    _, lost, table = client.predict(streaming, "retrieval", 0.5, 64, 256, prompt, 6, api_name="/runtime_generate")
+    record = json.loads(Path(generation_json).read_text())  # the JSON download is this generation, bytes unrounded
+    assert record["record"] == "runtime_generation" and record["full_text"] == full and record["new_tokens"] == 6
+    assert record["held_bytes"] < record["full_bytes"] and len(record["rows"]) == 2
+    assert record["mask"]["record"] == "head_mask" and record["prompt"] == prompt
+    _, lost, table, _ = client.predict(streaming, "retrieval", 0.5, 64, 256, prompt, 6, api_name="/runtime_generate")
     assert "paprika" not in lost  # sink + 256 recent tokens no longer hold it
     assert table_rows(table)[1]["KV MiB held"] < rows[1]["KV MiB held"]
 
