@@ -158,6 +158,23 @@ def test_captured_decode_graph_matches_the_uncaptured_step():
 
 
 @needs_cuda
+def test_a_reserved_cache_keeps_its_captured_graph_across_generates(tiny_gpu_llama):
+    """`reserve`: one cache and one captured decode graph serve every `generate`, with the tokens a fresh runtime gives."""
+    from headlab.runtime import CompressedLM
+
+    model, mask = tiny_gpu_llama, _mixed_mask(tiny_gpu_llama)
+    tokens = torch.randint(0, 512, (1, 140), generator=torch.Generator().manual_seed(2)).cuda()
+    reserved = CompressedLM(model, mask, chunk_size=32)
+    reserved.reserve(1, 140)
+    graph = None
+    for prompt_len in (120, 70, 130):
+        expected = CompressedLM(model, mask, chunk_size=32).generate(tokens[:, :prompt_len], max_new_tokens=8, stop_at_eos=False)
+        assert torch.equal(reserved.generate(tokens[:, :prompt_len], max_new_tokens=8, stop_at_eos=False), expected)
+        graph = graph or reserved._graph
+        assert reserved._graph is graph is not None
+
+
+@needs_cuda
 @pytest.mark.parametrize("name", ["norm", "add_norm", "rotary", "silu_mul"])
 def test_compiled_fused_pieces_match_their_eager_functions(name):
     """Each torch.compile'd piece computes what its plain function computes (float32, decode shapes)."""

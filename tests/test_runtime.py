@@ -234,6 +234,23 @@ def test_sdpa_generate_matches_the_eager_path(lab, tokens):
     assert sdpa.kv_bytes() == mask.ideal_kv_bytes(125, 4, lab.info.d_head)
 
 
+@pytest.mark.parametrize("compensate", [False, True])
+def test_a_reserved_cache_is_reused_and_answers_as_a_fresh_one(lab, tokens, compensate):
+    """`reserve` then several `generate`s (prompts of different lengths, the ring wrapping in each): every answer equals
+    a fresh runtime's, and the cache is the same object throughout (no reallocation, so a captured graph stays valid)."""
+    mask = mixed_mask(lab)
+    reserved = CompressedLM(lab, mask, chunk_size=CHUNK, attention="sdpa", compensate=compensate)
+    reserved.reserve(1, N_TOKENS)
+    cache = reserved.cache
+    for prompt_len in (150, 90, 180):
+        fresh = CompressedLM(lab, mask, chunk_size=CHUNK, attention="sdpa", compensate=compensate)
+        expected = fresh.generate(tokens[:, :prompt_len], max_new_tokens=6, stop_at_eos=False)
+        assert torch.equal(reserved.generate(tokens[:, :prompt_len], max_new_tokens=6, stop_at_eos=False), expected)
+        assert reserved.cache is cache and reserved.length == prompt_len + 5
+    reserved.generate(tokens[:, :N_TOKENS], max_new_tokens=2)  # does not fit: a new cache, sized for the call
+    assert reserved.cache is not cache and reserved.cache.max_length == N_TOKENS + 2
+
+
 @pytest.mark.parametrize("max_length", [20, 36, 37, 200, 1000])
 def test_sdpa_kv_bytes_are_the_ideal_at_max_length(lab, max_length):
     """Buffers are allocated once, for max_length tokens: exactly what the mask must keep then (sink + recent = 36)."""

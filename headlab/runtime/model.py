@@ -126,6 +126,7 @@ class CompressedLM:
         self.decode_ops = fused.FusedOps(m.family.norm_kind) if self.fuse else fused.ModuleOps()
         self.cache: CompressedCache | StaticCache | None = None
         self._graph = None  # (CUDAGraph, static tokens [batch, 1], static logits [batch, 1, vocab])
+        self._reserved = False  # the cache came from `reserve`: `generate` reuses it when it fits
 
     # --- state -------------------------------------------------------------------------------
 
@@ -138,6 +139,16 @@ class CompressedLM:
         """Drop the cache (its memory is freed) and any captured decode graph."""
         self.cache = None
         self._graph = None
+        self._reserved = False
+
+    def reserve(self, batch: int, max_length: int) -> None:
+        """Allocate an empty "sdpa" cache for `batch` sequences of up to `max_length` tokens now, so that every later
+        `generate` that fits reuses it, and its captured decode graph, instead of allocating and capturing anew (a
+        quality evaluation generating hundreds of answers at 8k). `reset()` gives it back."""
+        if self.attention != "sdpa":
+            raise ValueError("reserve() is for the 'sdpa' path's preallocated cache; the 'eager' path grows by pages.")
+        self.reset()
+        self.cache, self._reserved = self.new_cache(batch, max_length), True
 
     def kv_bytes(self) -> int:
         """Bytes held by the cache's key and value tensors right now (and the compensation sums)."""
@@ -314,7 +325,7 @@ class CompressedLM:
 
     @torch.no_grad()
     def generate(self, prompt_or_tokens, max_new_tokens: int = 32, stop_at_eos: bool = True):
-        """Greedy decoding from an empty cache.
+        """Greedy decoding from an empty cache (a `reserve`d cache that fits is emptied in place and reused).
 
         `prompt_or_tokens`: text, or tokens `[batch, pos]` / `[pos]`. Returns the new text for a
         text prompt, else the new tokens `[batch, n_new]` (fewer than `max_new_tokens` when every
@@ -326,9 +337,13 @@ class CompressedLM:
             tokens = tokens[None]
         eos = self.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.reset()
-        if self.attention == "sdpa":
-            self.cache = self.new_cache(tokens.shape[0], self.max_length or tokens.shape[1] + max_new_tokens)
+        needed = self.max_length or tokens.shape[1] + max_new_tokens
+        if self._reserved and self.cache.batch == tokens.shape[0] and self.cache.max_length >= needed:
+            self.cache.restart()  # the reserved cache is emptied in place: its decode graph stays valid
+        else:
+            self.reset()
+            if self.attention == "sdpa":
+                self.cache = self.new_cache(tokens.shape[0], needed)
         logits = self.forward(tokens, all_logits=False)
         new = []
         done = torch.zeros(tokens.shape[0], dtype=torch.bool)

@@ -30,9 +30,12 @@ FULL_CACHE = "full cache"
 def needle_accuracy(lab: Lab, mask: HeadMask, samples: list[needles.NeedleSample], **runtime) -> list[bool]:
     """Whether the runtime under `mask` answers each needle prompt exactly."""
     rt = CompressedLM(lab, mask, **runtime)
+    budgets = [answer_budget(lab, sample.needle.answer) for sample in samples]
+    if rt.attention == "sdpa" and samples:  # one cache, and one captured decode graph, for every answer
+        rt.reserve(1, max(sample.tokens.shape[1] + budget for sample, budget in zip(samples, budgets)))
     out = []
-    for sample in samples:
-        generated = rt.generate(sample.tokens, max_new_tokens=answer_budget(lab, sample.needle.answer), stop_at_eos=False)
+    for sample, budget in zip(samples, budgets):
+        generated = rt.generate(sample.tokens, max_new_tokens=budget, stop_at_eos=False)
         out.append(answer_is_correct(lab, generated[0].tolist(), sample.needle.answer))
     return out
 

@@ -216,6 +216,19 @@ class StaticCache:
         """Bytes held by all key and value buffers (fixed at allocation)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def restart(self) -> None:
+        """Empty the cache in place for a new sequence: every ring slot empty, position 0, evicted sums zero. The
+        buffers (and so a decode graph captured on them) stay; their old keys and values are never read again
+        (prefill reads full slots `[0, end)` and ring slots marked held, decode reads `[0, pos]`)."""
+        for state in self.states.values():
+            state.pos.zero_()
+            for ring in state.rings.values():
+                ring.slot_pos.fill_(-1)
+        for layer in self.layers:
+            if layer.evicted_sums is not None:
+                layer.evicted_sums.zero_()
+        self.length = 0
+
     def check_room(self, t: int) -> None:
         if self.length + t > self.max_length:
             raise ValueError(f"The cache was allocated for max_length={self.max_length} tokens; it holds {self.length} "
