@@ -87,6 +87,19 @@ def _table(frame, floats: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
+def _winners(cmp, missing: list[str]):
+    """`cmp.winners()`, plus, for a run cut short, which masks were not evaluated at each budget: a winner among the
+    evaluated masks only must not read as the winner of them all."""
+    frame = cmp.winners()
+    if missing:
+        left = {}
+        for label in missing:  # e.g. "retrieval at 25%", "random seed 1 at 75%"
+            source, _, percent = label.rpartition(" at ")
+            left.setdefault(percent, []).append(source)
+        frame["not_evaluated"] = [", ".join(left.get(f"{round(b * 100)}%", [])) or "-" for b in frame["budget"]]
+    return frame
+
+
 def section(result: dict, name: str, label: str) -> str:
     from headlab.comparison import MaskComparison
 
@@ -112,7 +125,7 @@ def section(result: dict, name: str, label: str) -> str:
         f"Command: `{result['command']}`", "",
         _table(summary), "", "Per task (mean over lengths and seeds):", "", _table(per_task), "",
         "Winners (best mean accuracy per budget; the gap is to the full cache, in points):", "",
-        _table(cmp.winners()),
+        _table(_winners(cmp, result.get("missing") or [])),
         *(part for note in result.get("notes", []) for part in ("", note)),
     ])
 

@@ -1,6 +1,7 @@
 """`compare_masks`: every source at exactly the same number of full KV heads, KV bytes measured in the runtime."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 import pytest
@@ -86,6 +87,10 @@ def test_a_run_cut_short_is_assembled_from_its_stored_evaluations(tiny_lab, comp
         path.with_suffix(".moved").rename(path)
     assert missing == ["attention_area at 50%"]
     assert len(part.rows) == len(comparison.rows) - 2  # its suite row and its KL row
+    spec = importlib.util.spec_from_file_location("compare_masks_script", Path(__file__).parents[1] / "analyses/compare_masks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # the README's winners name, per budget, what a winner was not compared with
+    assert list(script._winners(part, missing)["not_evaluated"]) == ["-", "attention_area", "-"]
     assert compare.assemble_stored(tiny_lab, config, {**where, "device": "cuda"})[1] == [
         "full cache at 100%", "all_streaming at 0%", *(f"{s}{' seed ' + str(seed) if s == 'random' else ''} at {b:.0%}"
                                                        for s in ("random", "attention_area") for b in (0.25, 0.5, 0.75)
