@@ -216,7 +216,7 @@ def evaluate_mask(lab: Lab, mask: HeadMask, suite: Suite, runtime: dict, progres
     started = time.perf_counter()
     rt = CompressedLM(lab, mask, **runtime)
     longest = max((s.tokens.shape[1] + s.max_new_tokens for cell in suite.samples.values() for s in cell), default=0)
-    if rt.attention == "sdpa" and longest:  # one cache, and one captured decode graph, for every answer
+    if longest:  # one cache, and one captured decode graph, for every answer
         rt.reserve(1, longest)
     scores, predictions = {}, {}
     for cell, samples in suite.samples.items():

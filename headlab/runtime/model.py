@@ -144,9 +144,10 @@ class CompressedLM:
     def reserve(self, batch: int, max_length: int) -> None:
         """Allocate an empty "sdpa" cache for `batch` sequences of up to `max_length` tokens now, so that every later
         `generate` that fits reuses it, and its captured decode graph, instead of allocating and capturing anew (a
-        quality evaluation generating hundreds of answers at 8k). `reset()` gives it back."""
+        quality evaluation generating hundreds of answers at 8k). `reset()` gives it back. On the "eager" path, whose
+        cache grows by pages, there is nothing to reserve: a no-op."""
         if self.attention != "sdpa":
-            raise ValueError("reserve() is for the 'sdpa' path's preallocated cache; the 'eager' path grows by pages.")
+            return
         self.reset()
         self.cache, self._reserved = self.new_cache(batch, max_length), True
 

@@ -31,7 +31,7 @@ def needle_accuracy(lab: Lab, mask: HeadMask, samples: list[needles.NeedleSample
     """Whether the runtime under `mask` answers each needle prompt exactly."""
     rt = CompressedLM(lab, mask, **runtime)
     budgets = [answer_budget(lab, sample.needle.answer) for sample in samples]
-    if rt.attention == "sdpa" and samples:  # one cache, and one captured decode graph, for every answer
+    if samples:  # one cache, and one captured decode graph, for every answer
         rt.reserve(1, max(sample.tokens.shape[1] + budget for sample, budget in zip(samples, budgets)))
     out = []
     for sample, budget in zip(samples, budgets):
