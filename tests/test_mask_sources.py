@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from headlab.ablation import streaming_window_allowed
 from headlab.mask_sources import duo, duo_gates, duo_passkeys, source_names
 from headlab.mask_sources.razor import choose_echo_then_induction
 from headlab.masks import HeadMask, make_mask, mask_sources, top_k_full
@@ -125,7 +126,7 @@ def test_gated_run_is_exact_at_both_ends(tiny_lab):
         assert torch.allclose(full.hidden, reference, atol=1e-5)
         ones = duo_gates.student(m, tokens, torch.ones(2, 2), full, sink, recent)
         assert torch.allclose(ones, reference[:, sink + recent:], atol=1e-5)
-        allowed = duo_gates.streaming_window_allowed(96, 96, sink, recent)
+        allowed = streaming_window_allowed(96, 96, sink, recent)
         streaming = duo_gates.run_layers(m, tokens, lambda i, layer, q, k, v: duo_gates.sdpa(layer, q, k, v, allowed))
         zeros = duo_gates.student(m, tokens, torch.zeros(2, 2), full, sink, recent)
         assert torch.allclose(zeros, streaming[:, sink + recent:], atol=1e-5)
@@ -150,45 +151,76 @@ def test_duo_training_lowers_its_loss_and_moves_its_gates(tiny_lab):
     assert _objective(tiny_lab, trained.gates, seed=99) < _objective(tiny_lab, start, seed=99)
 
 
-def test_checkpointed_training_gives_the_same_loss_and_gradients(tiny_lab):
-    """Checkpointing the gated pass (for prompts whose activations would not fit) changes memory, not the numbers."""
+@pytest.mark.parametrize("chunk", [24, 64, 1000])
+def test_streamed_training_gives_the_same_loss_and_gradients(tiny_lab, chunk):
+    """The streamed step (layer by layer, `chunk` positions at a time, teacher prefilled in chunks, layer inputs kept
+    on the store) changes memory, not the numbers: chunks shorter than the window (24 < 4 + 16 + ...), longer, one."""
     m = model_modules(tiny_lab.hf_model)
     prompts = duo_passkeys.PasskeyPrompts(tiny_lab, TINY_DUO["num_passkeys"], TINY_DUO["passkey_words"])
     sample = next(duo_passkeys.sample_stream(prompts, TINY_DUO["context_min"], TINY_DUO["context_max"], 5))
     results = []
-    for checkpointed in (False, True):
+    for how in (duo_gates.Plan(), duo_gates.Plan(streamed=True, chunk=chunk, store="cpu")):
         gates = torch.tensor([[0.9, 0.3], [0.6, 0.1]], requires_grad=True)
         with duo.frozen(tiny_lab.hf_model):
-            loss = duo.step_loss(m, sample, gates, WINDOW["sink"], WINDOW["recent"], 0.05, checkpointed)[0]
-            loss.backward()
-        results.append((loss.detach(), gates.grad))
-    (plain_loss, plain_grad), (ckpt_loss, ckpt_grad) = results
-    assert plain_grad.abs().max() > 0 and torch.allclose(ckpt_loss, plain_loss) and torch.allclose(ckpt_grad, plain_grad, atol=1e-7)
+            loss = duo.step(m, sample, gates, WINDOW["sink"], WINDOW["recent"], 0.05, how)[0]
+        results.append((loss, gates.grad))
+    (plain_loss, plain_grad), (streamed_loss, streamed_grad) = results
+    assert plain_grad.abs().max() > 0 and torch.allclose(streamed_loss, plain_loss, rtol=1e-5)
+    assert torch.allclose(streamed_grad, plain_grad, atol=1e-7, rtol=1e-4)
 
 
-def test_checkpointing_is_what_brings_32k_training_of_an_8b_model_onto_one_gpu():
-    """`activation_bytes` for the Llama-3.1-8B shape in bf16: plain 185 GiB at 32k (the figure of the H100 run's
-    refusal), checkpointed ~36.5 GiB (fits an 80 GB card)."""
+def test_the_chunked_teacher_equals_the_whole_prompt_teacher(tiny_lab):
+    m = model_modules(tiny_lab.hf_model)
+    tokens = torch.randint(0, 1000, (1, 150))
+    whole = duo_gates.teacher(m, tokens, start=20)
+    chunked = duo_gates.teacher(m, tokens, start=20, plan=duo_gates.Plan(streamed=True, chunk=32, store="cpu"))
+    assert torch.allclose(chunked.hidden, whole.hidden, atol=1e-5)
+    for name in ("attention", "keys", "values"):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(getattr(chunked, name), getattr(whole, name)))
+
+
+def _llama_8b_modules():
     from types import SimpleNamespace
 
-    m = SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(1, 4096, dtype=torch.bfloat16)), n_layers=32, n_heads=32,
-                        n_kv_heads=8, d_head=128, layers=[SimpleNamespace(down=SimpleNamespace(in_features=14336))])
-    assert round(duo.activation_bytes(m, 32768, False) / 2**30, 1) == 185.0
-    assert 30 < duo.activation_bytes(m, 32768, True) / 2**30 < 40
+    return SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(1, 4096, dtype=torch.bfloat16)), n_layers=32, n_heads=32,
+                           n_kv_heads=8, d_head=128, layers=[SimpleNamespace(down=SimpleNamespace(in_features=14336))])
 
 
-def test_a_length_that_fits_only_checkpointed_trains_checkpointed_and_one_that_does_not_is_refused(tiny_lab, monkeypatch):
-    monkeypatch.setattr(duo, "activation_bytes", lambda m, length, checkpointed: length * (10 if checkpointed else 100))
-    monkeypatch.setattr(duo, "free_bytes", lambda device: 50 * TINY_DUO["context_max"] / 0.8)  # room for checkpointed only
+def test_streaming_is_what_brings_128k_training_of_an_8b_model_within_kv_plus_4_gib():
+    """`step_bytes` for the Llama-3.1-8B shape in bf16: plain 185 GiB at 32k (the figure of the H100 run's refusal);
+    streamed at 128k the device holds the teacher's 16 GiB KV cache and under 4 GiB besides, the 64 GiB of layer
+    inputs and teacher outputs go to the store (host memory on an H200: 141 GiB of HBM, 128 GiB of RAM)."""
+    m = _llama_8b_modules()
+    assert round(duo.step_bytes(m, 32768)[0] / 2**30, 1) == 185.0
+    device, kept = duo.step_bytes(m, 131072, 4096)
+    assert 16 < device / 2**30 < 16 + 4 and kept / 2**30 == 64
+
+
+@pytest.mark.parametrize("room, kept_room, expected", [(2000, 0, "plain"), (200, 100, "cpu"), (200, 10, "device"), (60, 100, "cpu"),
+                                                     (60, 10, None), (40, 100, None)])
+def test_the_plan_picks_plain_then_streamed_to_host_memory_then_to_the_device_then_refuses(monkeypatch, room, kept_room, expected):
+    """Plain needs 1000 units, streamed 50 on the device + 100 kept (units of the prompt's length, free memory x 0.8)."""
+    from types import SimpleNamespace
+
+    length = 100
+    monkeypatch.setattr(duo, "step_bytes", lambda m, n, chunk=None: (1000 * n, 0) if chunk is None else (50 * n, 100 * n))
+    monkeypatch.setattr(duo, "free_bytes", lambda device: (room if device != "cpu" else kept_room) * length / 0.8)
+    m = SimpleNamespace(device=torch.device("meta"))
+    if expected is None:
+        with pytest.raises(MemoryError, match="even streamed layer by layer: lower context_max"):
+            duo.plan(m, length)
+        return
+    how = duo.plan(m, length)
+    assert (not how.streamed) if expected == "plain" else (how.streamed and how.store == ("cpu" if expected == "cpu" else "meta"))
+
+
+def test_a_length_that_fits_only_streamed_trains_streamed(tiny_lab, monkeypatch):
+    monkeypatch.setattr(duo, "plan", lambda m, length: duo_gates.Plan(streamed=True, chunk=64, store="cpu"))
     used = []
-    real = duo.step_loss
-    monkeypatch.setattr(duo, "step_loss", lambda *a: used.append(a[-1]) or real(*a))
-    duo.Duo(**TINY_DUO).check(tiny_lab, duo.MaskConfig(**WINDOW))
+    real = duo_gates.streamed_step
+    monkeypatch.setattr(duo_gates, "streamed_step", lambda *a: used.append(a[-1]) or real(*a))
     trained = duo.train(tiny_lab, duo.Duo(**{**TINY_DUO, "steps": 2}), progress=False, **WINDOW)
-    assert used == [True, True] and trained.gates.shape == (2, 2)
-    monkeypatch.setattr(duo, "free_bytes", lambda device: 5 * TINY_DUO["context_max"] / 0.8)
-    with pytest.raises(MemoryError, match="checkpointed layer by layer.*lower context_max"):
-        duo.Duo(**TINY_DUO).check(tiny_lab, duo.MaskConfig(**WINDOW))
+    assert len(used) == 2 and trained.gates.shape == (2, 2) and (trained.gates < 1).any()
 
 
 def test_duo_gates_are_stored_and_read_back(tiny_lab, monkeypatch):

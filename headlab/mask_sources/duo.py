@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from headlab import store
 from headlab.lab import Lab, free_bytes
+from headlab.longpass import CHUNK_TOKENS
 from headlab.mask_sources import MaskSource, budget_of
 from headlab.mask_sources import duo_gates, duo_passkeys
 from headlab.masks import HeadMask, MaskConfig, duo_full
@@ -74,18 +75,18 @@ class Duo(MaskSource):
 
     Cost: `steps` training steps, each a full forward pass (no gradients), a gated forward and its backward
     (gradients for the gates only): about 3 forward passes of a `context_min`..`context_max`-token prompt,
-    so time grows with steps x mean length x model size (plus length^2 attention). Memory (`activation_bytes`):
-    the gated pass's activations, about `(8 d_model + 4 heads*d_head + 2 kv_heads*d_head + 3 d_mlp) x bytes` per
-    token and layer, plus a `[length, length]` boolean mask. Where that does not fit, the gated pass is
-    checkpointed layer by layer (the same gates, one more forward pass): per token, each layer's input and
-    the teacher's attention output, `(2 d_model + heads*d_head) x bytes`, plus the activations of the layer
-    being recomputed and their gradients (two layers' worth);
-    `check` refuses a `context_max` that does not fit even so. Measured: on an H100 (Llama-3.1-8B shape,
-    2026-12-06, plain) 8k-token prompts took 39.9 GiB (estimate 46) and ~5 s a step; on the CPU (embedded model,
-    2048 tokens, after a warm-up step) plain 2.20 GiB (estimate 2.73), checkpointed 0.85 GiB (estimate 0.58: the
-    CPU's attention backward also holds `[heads, length, length]` buffers of the recomputed layer). For the 8B
-    shape the checkpointed estimate is 36.5 GiB at 32k (DuoAttention's own training length: fits one H100) and
-    158 GiB at 128k (refused on one H200); not yet measured on a GPU.
+    so time grows with steps x mean length x model size (plus length^2 attention). Memory (`step_bytes`, `plan`):
+    plain, the gated pass's activations, about `(8 d_model + 4 heads*d_head + 2 kv_heads*d_head + 3 d_mlp) x bytes`
+    per token and layer, plus a `[length, length]` boolean mask. Where that does not fit, the step is streamed
+    (`duo_gates.streamed_step`: the same loss and gradients, one more forward pass): the teacher is prefilled in
+    chunks against its KV cache, and the student runs layer by layer and window by window, so the device holds the
+    larger of the KV cache and six `[length, d_model]` tensors, plus one window's activations; each layer's input and
+    the teacher's attention output, `length x n_layers x (d_model + heads*d_head) x bytes`, go to host memory (to
+    the device where the host has no room). `check` refuses a `context_max` that does not fit even so.
+    Measured: on an H100 (Llama-3.1-8B shape, 2026-12-06, plain) 8k-token prompts took 39.9 GiB (estimate 46) and
+    ~5 s a step; on the CPU (embedded model, 2048 tokens, after a warm-up step) plain 2.20 GiB (estimate 2.73).
+    For the 8B shape, streamed (estimates; the GPU runs are in `analyses/README.md`): at 32k 5.9 GiB on the device
+    (the KV cache is 4.0), 16 GiB in host memory; at 128k 18.4 GiB on the device (KV cache 16), 64 GiB in host memory.
     The embedded model at the defaults on the 2-core CPU (2026-12-06): 5.8 s per step idle (48 steps ~ 4.6 min),
     13.3 s per step (639 s in all) while the test suite shared the cores, 40-120 s while 8-12 other processes ran.
     Stored: a second call is instant.
@@ -159,28 +160,48 @@ def check_model(m) -> None:
                          f"{m.name} has sliding-window layers or soft-capping.")
 
 
-def activation_bytes(m, length: int, checkpointed: bool) -> int:
-    """The training step's activation memory for a `length`-token prompt (see `Duo`'s cost), plain or checkpointed."""
+def step_bytes(m, length: int, chunk: int | None = None) -> tuple[int, int]:
+    """`(device, kept)` bytes of a training step on a `length`-token prompt (see `Duo`'s cost). `chunk` None: the plain
+    autograd pass, every layer's activations (`kept` 0). Else `duo_gates.streamed_step` with `chunk`-token windows:
+    on the device the larger of the teacher's prefill (its KV cache when chunked, its output, a chunk's activations)
+    and the student's passes (six `[pos, d_model]` tensors, a few windows' activations); `kept` is each layer's input
+    and the teacher's attention outputs, wherever `Plan.store` puts them."""
     d_model, d_mlp, size = m.embed.weight.shape[1], m.layers[0].down.in_features, m.embed.weight.element_size()
     layer = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp  # one layer's, per token
-    kept = (2 * d_model + m.n_heads * m.d_head) * m.n_layers + 2 * layer if checkpointed else layer * m.n_layers
-    return length * kept * size + length * length
+    if chunk is None:
+        return length * layer * m.n_layers * size + length * length, 0
+    window = min(length, 2 * chunk)
+    kv = 2 * m.n_layers * m.n_kv_heads * m.d_head * length * size if length > chunk else 0
+    teacher = kv + length * d_model * size + 2 * min(length, chunk) * layer * size  # its prefill: cache, output, a chunk
+    student = 6 * length * d_model * size + 3 * window * layer * size + window * window  # its layer-by-layer passes
+    return max(teacher, student), length * m.n_layers * (d_model + m.n_heads * m.d_head) * size
 
 
-def needs_checkpointing(m, length: int) -> bool:
-    """Whether a `length`-token step must be checkpointed: its plain activations would not fit (80% of free memory)."""
-    return activation_bytes(m, length, False) > 0.8 * free_bytes(m.device)
+def plan(m, length: int) -> duo_gates.Plan:
+    """How a `length`-token step runs within 80% of free memory: plain if it fits; else streamed, the kept tensors in
+    host memory (a GPU's memory is the scarce one: the device then holds about the teacher's KV cache and a few GiB),
+    or on the device where the host has no room; a MemoryError naming the shortfall when none fits."""
+    room = 0.8 * free_bytes(m.device)
+    if step_bytes(m, length)[0] <= room:
+        return duo_gates.Plan()
+    chunk = CHUNK_TOKENS.get(m.device.type, CHUNK_TOKENS["cpu"])
+    device, kept = step_bytes(m, length, chunk)
+    host = 0.8 * free_bytes("cpu") if m.device.type != "cpu" else 0
+    if device <= room and kept <= host:
+        return duo_gates.Plan(streamed=True, chunk=chunk, store="cpu")
+    if device + kept <= room:
+        return duo_gates.Plan(streamed=True, chunk=chunk, store=str(m.device))
+    raise MemoryError(f"Mask source 'duo': training on {length}-token prompts needs about {device / 2**30:.1f} GiB on "
+                      f"{m.device} ({room / 0.8 / 2**30:.1f} GiB free) and {kept / 2**30:.1f} GiB for the layers' inputs "
+                      f"(in host memory, {host / 0.8 / 2**30:.1f} GiB free there, or on the device) even streamed layer by "
+                      f"layer: lower context_max.")
 
 
 def check_memory(lab: Lab, length: int) -> None:
-    """Refuse a training length whose activations would not fit in the device's free memory even checkpointed."""
+    """Refuse a training length that does not fit even streamed (`plan`)."""
     m = model_modules(lab.hf_model)
     check_model(m)
-    needed, free = activation_bytes(m, length, True), free_bytes(m.device)
-    if needed > 0.8 * free:
-        raise MemoryError(f"Mask source 'duo': training on {length}-token prompts needs about {needed / 2**30:.1f} GiB for "
-                          f"activations (checkpointed layer by layer), {free / 2**30:.1f} GiB free on {m.device}: "
-                          f"lower context_max.")
+    plan(m, length)
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -206,10 +227,8 @@ def train(lab: Lab, config: Duo, sink: int, recent: int, progress: bool = True) 
             with torch.no_grad():
                 gates.clamp_(0, 1)
             sample = next(samples)
-            loss, distill, reg = step_loss(m, sample, gates, sink, recent, config.reg_weight,
-                                           needs_checkpointing(m, sample.tokens.shape[1]))
             optimizer.zero_grad()
-            loss.backward()
+            loss, distill, reg = step(m, sample, gates, sink, recent, config.reg_weight, plan(m, sample.tokens.shape[1]))
             optimizer.step()
             schedule.step()
             for key, value in (("loss", loss), ("distill", distill), ("reg", reg)):
@@ -221,13 +240,23 @@ def train(lab: Lab, config: Duo, sink: int, recent: int, progress: bool = True) 
                     history=history, seconds=round(time.perf_counter() - started, 2), device=str(m.device))
 
 
-def step_loss(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float,
-              checkpointed: bool = False):
-    """`(loss, distill, reg)` of the gated model against the full model on one sample (`duo_gates.losses`)."""
+def step_loss(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float):
+    """`(loss, distill, reg)` of the gated model against the full model on one sample (`duo_gates.losses`), plain."""
     tokens, labels = sample.tokens.to(m.device), sample.labels.to(m.device)
     full = duo_gates.teacher(m, tokens, start=min(sink + recent, tokens.shape[1] - 1))
-    hidden = duo_gates.student(m, tokens, gates, full, sink, recent, checkpointed)
+    hidden = duo_gates.student(m, tokens, gates, full, sink, recent)
     return duo_gates.losses(hidden, full, labels, gates, reg_weight)
+
+
+def step(m, sample: duo_passkeys.PasskeySample, gates: torch.Tensor, sink: int, recent: int, reg_weight: float,
+         how: duo_gates.Plan = duo_gates.Plan()):
+    """One step's gradient into `gates.grad`, plain (`step_loss` and its backward) or streamed (`how.streamed`);
+    returns the detached `(loss, distill, reg)`."""
+    if how.streamed:
+        return duo_gates.streamed_step(m, sample, gates, sink, recent, reg_weight, how)
+    loss, distill, reg = step_loss(m, sample, gates, sink, recent, reg_weight)
+    loss.backward()
+    return loss.detach(), distill.detach(), reg.detach()
 
 
 @contextlib.contextmanager
