@@ -84,7 +84,9 @@ class Duo(MaskSource):
     the teacher's attention output, `length x n_layers x (d_model + heads*d_head) x bytes`, go to host memory (to
     the device where the host has no room). `check` refuses a `context_max` that does not fit even so.
     Measured: on an H100 (Llama-3.1-8B shape, 2026-12-06, plain) 8k-token prompts took 39.9 GiB (estimate 46) and
-    ~5 s a step; on the CPU (embedded model, 2048 tokens, after a warm-up step) plain 2.20 GiB (estimate 2.73).
+    ~5 s a step; on the CPU (embedded model, 2 steps, `analyses/scoring_scale.py cpu`) plain 2.59 / 6.76 / 16.57 GiB
+    at 2k / 4k / 8k tokens (estimates 3.0 / 6.6 / 15.5 with the CPU's attention-backward buffers, which grow with the
+    square of the length), 14 / 182 / 381 s.
     For the 8B shape, streamed (estimates; the GPU runs are in `analyses/README.md`): at 32k 5.9 GiB on the device
     (the KV cache is 4.0), 16 GiB in host memory; at 128k 18.4 GiB on the device (KV cache 16), 64 GiB in host memory.
     The embedded model at the defaults on the 2-core CPU (2026-12-06): 5.8 s per step idle (48 steps ~ 4.6 min),
@@ -168,8 +170,9 @@ def step_bytes(m, length: int, chunk: int | None = None) -> tuple[int, int]:
     and the teacher's attention outputs, wherever `Plan.store` puts them."""
     d_model, d_mlp, size = m.embed.weight.shape[1], m.layers[0].down.in_features, m.embed.weight.element_size()
     layer = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp  # one layer's, per token
-    if chunk is None:
-        return length * layer * m.n_layers * size + length * length, 0
+    if chunk is None:  # on the CPU the attention backward also holds two float32 [heads, length, length] buffers
+        cpu = 2 * m.n_heads * length * length * 4 if str(getattr(m, "device", "")) == "cpu" else 0
+        return length * layer * m.n_layers * size + length * length + cpu, 0
     window = min(length, 2 * chunk)
     kv = 2 * m.n_layers * m.n_kv_heads * m.d_head * length * size if length > chunk else 0
     teacher = kv + length * d_model * size + 2 * min(length, chunk) * layer * size  # its prefill: cache, output, a chunk
