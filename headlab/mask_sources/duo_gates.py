@@ -26,7 +26,7 @@ the number of layers: the teacher is prefilled in chunks against its own KV cach
 by layer, chunk by chunk. That is exact because a streaming head is local: the output of layer `l` at the
 queries `[i0, i1)` depends only on the layer's input at `[i0 - recent + 1, i1)` (the sink keys lie before the
 student's start, among the teacher's keys, which are constants). So each layer's input is all the backward
-pass keeps (on the device, or in host memory where the device has no room, `Plan.store`), and the backward
+pass keeps (in host memory, or on the device where the host has no room: `Plan.store`), and the backward
 pass recomputes each layer one window at a time, scattering the input gradients back: one more forward pass,
 as checkpointing costs, and only a chunk's activations on the device. (torch's checkpointing would recompute a
 whole layer of 128k tokens at once; this is hand-written for the locality it cannot see.)
