@@ -183,7 +183,8 @@ def _llama_8b_modules():
     from types import SimpleNamespace
 
     return SimpleNamespace(embed=SimpleNamespace(weight=torch.empty(1, 4096, dtype=torch.bfloat16)), n_layers=32, n_heads=32,
-                           n_kv_heads=8, d_head=128, layers=[SimpleNamespace(down=SimpleNamespace(in_features=14336))])
+                           n_kv_heads=8, d_head=128, layers=[SimpleNamespace(down=SimpleNamespace(in_features=14336))],
+                           device=torch.device("meta"))  # a GPU's estimate: no CPU attention-backward buffers
 
 
 def test_streaming_is_what_brings_128k_training_of_an_8b_model_within_kv_plus_4_gib():

@@ -171,7 +171,7 @@ def step_bytes(m, length: int, chunk: int | None = None) -> tuple[int, int]:
     d_model, d_mlp, size = m.embed.weight.shape[1], m.layers[0].down.in_features, m.embed.weight.element_size()
     layer = 8 * d_model + (4 * m.n_heads + 2 * m.n_kv_heads) * m.d_head + 3 * d_mlp  # one layer's, per token
     if chunk is None:  # on the CPU the attention backward also holds two float32 [heads, length, length] buffers
-        cpu = 2 * m.n_heads * length * length * 4 if str(getattr(m, "device", "")) == "cpu" else 0
+        cpu = 2 * m.n_heads * length * length * 4 if m.device.type == "cpu" else 0
         return length * layer * m.n_layers * size + length * length + cpu, 0
     window = min(length, 2 * chunk)
     kv = 2 * m.n_layers * m.n_kv_heads * m.d_head * length * size if length > chunk else 0
