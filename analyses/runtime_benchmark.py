@@ -26,7 +26,11 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   error of the bf16 references themselves (transformers' SDPA and eager attention, the eager path)
   against float32. Any runtime error over `CHECK_TOLERANCE` x that floor fails the run (exit 1).
 - `--microbench`: one layer's decode attention alone (the Triton kernel, in a CUDA graph) against
-  the copy-bandwidth floor of its bytes, for a few kernel configurations.
+  the copy-bandwidth floor of its bytes, for a few kernel configurations; and each matrix product of
+  the step (`gemv_kernel` against cuBLAS, each shape of the 8B model at batch 1/4/16, the gated down
+  projection against `silu_mul` + cuBLAS), over enough copies of the weight that nothing is in L2.
+- `--matmul auto|cublas`: the decode step's matrix products through `gemv_kernel` or `F.linear`
+  (cuBLAS), overriding `fused.MATMUL`, for a same-card comparison.
 - `--kinds`: the old table, the `MaskConfig` mask (50%) against `hf_full` (DynamicCache), `hf_static`
   (StaticCache + CUDA graph), `kvpress_duo` (kvpress' DuoAttentionPress; needs transformers<5.3, so
   its own environment, merged at render time) and `compressed`, with a real prefill.
@@ -60,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headlab import placement  # noqa: E402
 from headlab.masks import HeadMask, MaskConfig  # noqa: E402
+from headlab.runtime import fused  # noqa: E402
 from headlab.runtime.benchmark import (  # noqa: E402
     BATCHES, FRACTIONS, KERNEL_KINDS, KINDS, SHAPES, budget_mask, budget_sweep, copy_bandwidth, hbm_floors, info_of,
     llama_8b_config, llama_config, longest_context, measure, measure_one, profile_step, random_llama, weight_bytes,
@@ -70,8 +75,8 @@ TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB  # the --kinds t
 TARGET_BUDGET_FLOOR = 1.15  # the budget table's: decode / HBM floor at every context, budget and batch
 CHECK_TOLERANCE = 1.5  # --check fails when a runtime error exceeds this multiple of the measured bf16 noise floor
 SHARDED_TOLERANCE = 5e-3  # --sharded-check: relative L2 error of the sharded run's logits against one GPU's (bf16)
-MICROBENCH_CONFIGS = ({}, {"programs": 528, "num_stages": 2}, {"num_stages": 2}, {"programs": 528}, {"block_n": 128},
-                      {"programs": 1056})
+MICROBENCH_CONFIGS = ({}, {"min_chunk": 256}, {"min_chunk": 512}, {"min_chunk": 1024}, {"programs": 132},
+                      {"num_stages": 2}, {"programs": 528})
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -259,7 +264,8 @@ def _graph_ms(fn, calls: int = 16, repeats: int = 10) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
-def microbench(bw: float, cases=((2, 6, 32768, 1), (2, 6, 131072, 1), (8, 0, 131072, 1), (2, 6, 32768, 16)),
+def microbench(bw: float, cases=((2, 6, 8192, 1), (8, 0, 8192, 1), (2, 6, 32768, 1), (2, 6, 131072, 1), (8, 0, 131072, 1),
+                                 (2, 6, 32768, 16)),
                group: int = 4, d: int = 128, window: int = 320, layers: int = 4) -> list[dict]:
     """One layer's decode attention alone (`decode_layer`: append + attend + combine) for `(n_full, n_stream,
     length, batch)` cases and each of `MICROBENCH_CONFIGS`, in a CUDA graph cycling over `layers` layers' buffers (so
@@ -285,6 +291,45 @@ def microbench(bw: float, cases=((2, 6, 32768, 1), (2, 6, 131072, 1), (8, 0, 131
         results.append(row)
         print("microbench", row, flush=True)
         del bufs
+        torch.cuda.empty_cache()
+    return results
+
+
+GEMV_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}  # Llama-3.1-8B, packed as the fused step runs them: [out, in]
+GEMV_CONFIGS = ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k": 1024}, {"num_stages": 2},
+                {"num_stages": 4}, {"num_warps": 8})
+
+
+def gemv_microbench(bw: float, batches=(1, 4, 16), copies_bytes: int = 3 << 30) -> list[dict]:
+    """Each matrix product of the 8B decode step: `gemv_kernel.linear` (each of `GEMV_CONFIGS`) against cuBLAS
+    (`torch.matmul`), ms per product in a CUDA graph over copies of the weight (3 GiB of them: none in L2), and the
+    gated down projection (`[gate | up]` in, SiLU * up inside) against the compiled `silu_mul` + cuBLAS."""
+    import torch.nn.functional as F
+
+    from headlab.runtime import fused, gemv_kernel
+
+    results = []
+    for name, (n, k) in GEMV_SHAPES.items():
+        copies = max(2, -(-copies_bytes // (n * k * 2)))
+        weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5 for _ in range(copies)]
+        for batch in batches:
+            x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
+            row = {"name": name, "n": n, "k": k, "batch": batch, "floor_ms": n * k * 2 / bw * 1e3,
+                   "cublas": _graph_ms(lambda i=0: torch.matmul(x, weights[i].t()), calls=copies)}
+            expected = F.linear(x.float(), weights[0].float())
+            row["error"] = rel(gemv_kernel.linear(x, weights[0]), expected)
+            for config in GEMV_CONFIGS:
+                row[json.dumps(config)] = _graph_ms(lambda i=0, c=config: gemv_kernel.linear(x, weights[i], **c), calls=copies)
+            if name == "down":
+                gate_up = torch.randn(batch, 2 * k, dtype=torch.bfloat16, device="cuda")
+                silu_mul = fused.compiled("silu_mul")
+                row["gated_cublas"] = _graph_ms(lambda i=0: torch.matmul(silu_mul(*gate_up.chunk(2, -1)), weights[i].t()),
+                                                calls=copies)
+                row["gated"] = _graph_ms(lambda i=0: gemv_kernel.linear(gate_up, weights[i], gated=True), calls=copies)
+            results.append(row)
+            print("gemv", json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+        del weights
         torch.cuda.empty_cache()
     return results
 
@@ -466,6 +511,22 @@ def _microbench_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _gemv_md(rows: list[dict]) -> str:
+    lines = ["Each matrix product of the decode step alone (8B shapes, bf16, in a CUDA graph over 3 GiB of weight copies), "
+             "ms against the copy-bandwidth floor of the weight's bytes; `gemv_kernel` with the shipped configuration "
+             "and the best of `GEMV_CONFIGS`; the down projection also gated (`[gate | up]` in) against `silu_mul` + cuBLAS:", "",
+             "| product [out, in] | batch | floor ms | cuBLAS ms | gemv_kernel ms | best ms (config) | gated: silu_mul + cuBLAS / gemv_kernel ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        configs = {k: v for k, v in r.items() if k.startswith("{")}
+        best = min(configs, key=configs.get)
+        gated = f"{r['gated_cublas']:.4f} / {r['gated']:.4f}" if "gated" in r else ""
+        lines.append(f"| {r['name']} [{r['n']}, {r['k']}] | {r['batch']} | {r['floor_ms']:.4f} | {r['cublas']:.4f} "
+                     f"({r['cublas'] / r['floor_ms']:.2f}x) | {configs['{}']:.4f} ({configs['{}'] / r['floor_ms']:.2f}x) | "
+                     f"{configs[best]:.4f} `{best}` | {gated} |")
+    return "\n".join(lines)
+
+
 def _longest_md(found: list[dict], result: dict) -> str:
     lines = [f"Longest context on this GPU ({result['device']}, {result.get('total_memory', 0) / GIB:.0f} GiB), batch 1, "
              "chunked prefill (chunk 4096) + a decode step, found by doubling from 128k then bisection (16k steps), "
@@ -499,6 +560,8 @@ def render_budgets(result: dict) -> str:
         parts.append(_profile_md(result["profile"], steps))
     if result.get("microbench"):
         parts.append(_microbench_md(result["microbench"]))
+    if result.get("gemv"):
+        parts.append(_gemv_md(result["gemv"]))
     if result.get("longest"):
         parts.append(_longest_md(result["longest"], result))
     return "\n\n".join(parts)
@@ -578,6 +641,8 @@ def run_stages(args, result: dict, save) -> None:
     if args.microbench:
         result["microbench"] = microbench(result["copy_bandwidth_Bps"])
         save()
+        result["gemv"] = gemv_microbench(result["copy_bandwidth_Bps"])
+        save()
     if args.longest:
         result["longest"] = []
         for fraction in args.longest:
@@ -602,6 +667,8 @@ def main(argv=None) -> int:
                         help="longest context at these shares of full heads (no value: 0.25 and 1.0)")
     parser.add_argument("--check", action="store_true", help="logits vs float32 references; exit 1 over the bf16 noise floor")
     parser.add_argument("--microbench", action="store_true")
+    parser.add_argument("--matmul", default=None, choices=["auto", "cublas"],
+                        help="the decode step's matrix products: gemv_kernel (auto) or cuBLAS; default: fused.MATMUL")
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES), help="the random model's shape (--devices)")
     parser.add_argument("--devices", type=int, default=1, help="split the model by layers over this many GPUs of the host")
     parser.add_argument("--sharded-check", action="store_true", help="with --devices: one GPU vs sharded, logits and KV")
@@ -622,6 +689,7 @@ def main(argv=None) -> int:
     if args.shape != "llama-3.1-8b":
         parser.error("--shape needs --devices (the one-GPU stages are the 8B shape's).")
     torch.backends.cuda.matmul.allow_tf32 = False
+    fused.MATMUL = args.matmul or fused.MATMUL
     device_name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

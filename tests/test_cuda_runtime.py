@@ -57,9 +57,10 @@ CASES = [  # full pattern, batch, group, d, max_length, sink, recent, pos
 
 
 @needs_kernel
+@pytest.mark.parametrize("config", [{"programs": 64}, {"programs": 64, "min_chunk": 128}], ids=["many-splits", "min-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=[f"pos{c[-1]}-{''.join('F' if f else 's' for f in c[0])}" for c in CASES])
-def test_decode_kernel_matches_the_eager_reference(case, dtype):
+def test_decode_kernel_matches_the_eager_reference(case, dtype, config):
     """One launch for full and streaming heads: the same output and the same cache writes as `decode_reference`."""
     from headlab.runtime.decode_kernel import decode_layer
 
@@ -76,7 +77,7 @@ def test_decode_kernel_matches_the_eager_reference(case, dtype):
     ours.begin_step()
     layer, window = ours.layers[0], ours.layers[0].ring.window
     out = decode_layer(q, k, v, layer.full_kv, layer.stream_kv, layer.order, ours.pos, window.sink, window.recent, d ** -0.5,
-                       block_n=32, programs=64)
+                       block_n=32, **config)
     assert torch.isfinite(out).all()
     assert rel(out, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
     assert torch.equal(layer.full_kv, reference.layers[0].full_kv)  # the token stored at slot pos / its ring slot
@@ -100,6 +101,40 @@ def test_decode_kernel_soft_caps_the_scores():
     out = decode_layer(q, k, v, ours.full_kv, ours.stream_kv, ours.order, cache.pos, 4, 30, 0.125, softcap=5.0)
     assert rel(out, expected) < 1e-5
     assert rel(uncapped, expected) > 1e-2
+
+
+GEMV_CASES = [  # rows, n, k, bias, gated
+    (1, 300, 520, False, False),  # batch 1, k not a multiple of the block, n not a multiple of block_n
+    (1, 64, 256, True, True),  # the down projection reading [gate | up], with a bias
+    (3, 70, 200, True, False),  # a few rows: the tensor-core kernel, rows padded
+    (16, 48, 384, False, True),  # the most rows the kernel takes, gated
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=[f"rows{c[0]}-{'bias' if c[3] else 'nobias'}-{'gated' if c[4] else 'plain'}"
+                                                  for c in GEMV_CASES])
+def test_gemv_kernel_matches_f_linear(case, dtype):
+    """The decode step's matrix-vector kernel computes `F.linear` (of `F.silu(gate) * up` when gated)."""
+    import torch.nn.functional as F
+
+    from headlab.runtime.gemv_kernel import linear
+
+    rows, n, k, bias, gated = case
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("bf16 under the interpreter: float32 covers the logic")
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, 1, 2 * k if gated else k, generator=g).to(dtype).to(KERNEL_DEVICE)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(KERNEL_DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(KERNEL_DEVICE) if bias else None
+    inputs = F.silu(x[..., :k]) * x[..., k:] if gated else x
+    expected = F.linear(inputs.double(), w.double(), None if b is None else b.double())
+    out = linear(x, w, b, gated=gated, block_k=128)
+    assert out.shape == (rows, 1, n) and out.dtype == dtype
+    assert rel(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="input width"):
+        linear(x[..., 1:], w, b, gated=gated)
 
 
 def _tiny_llama(dtype):
@@ -192,15 +227,19 @@ def test_compiled_fused_pieces_match_their_eager_functions(name):
 
 
 @needs_cuda
-def test_fused_decode_step_matches_the_module_step(tiny_gpu_llama):
-    """The fused, packed decode step (`fuse=True`) and the modules' own step (`fuse=False`) give the same logits."""
-    from headlab.runtime import CompressedLM
+@pytest.mark.parametrize("matmul", ["cublas", "auto"])
+def test_fused_decode_step_matches_the_module_step(tiny_gpu_llama, matmul, monkeypatch):
+    """The fused, packed decode step (`fuse=True`; its products by cuBLAS or by the Triton matrix-vector kernel) and
+    the modules' own step (`fuse=False`) give the same logits, at batch 1 and 3."""
+    from headlab.runtime import CompressedLM, fused as fused_ops
 
+    monkeypatch.setattr(fused_ops, "MATMUL", matmul)
     mask = _mixed_mask(tiny_gpu_llama)
-    tokens = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(2)).cuda()
-    plain = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=False), tokens, 70)
-    fused = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=True), tokens, 70)
-    assert rel(fused, plain) < 1e-5
+    for batch in (1, 3):  # one row: the multiply-and-accumulate kernel; three: the tensor-core one
+        tokens = torch.randint(0, 512, (batch, 90), generator=torch.Generator().manual_seed(2)).cuda()
+        plain = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=False), tokens, 70)
+        fused = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=True), tokens, 70)
+        assert rel(fused, plain) < 1e-5
 
 
 def test_synthetic_prefill_leaves_the_rings_as_a_real_prefill():

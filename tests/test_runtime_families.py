@@ -313,9 +313,14 @@ def test_compensation_adds_one_slot_per_streaming_head(models):
                     reason="runs on CUDA only (HEADLAB_FAMILY_DEVICE=cuda on a GPU machine)")
 @pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("compensate", [False, True])
-def test_cuda_path_matches_the_reference(tokens, row, compensate):
-    """CUDA graph, compiled fused step, packed projections and the Triton decode kernel, float32, against the same
-    references (TF32 off); tolerance 1e-3 for the GPU's different summation order."""
+@pytest.mark.parametrize("matmul", ["cublas", "auto"])
+def test_cuda_path_matches_the_reference(tokens, row, compensate, matmul, monkeypatch):
+    """CUDA graph, compiled fused step, packed projections (cuBLAS or the Triton matrix-vector kernel, `fused.MATMUL`)
+    and the Triton decode kernel, float32, against the same references (TF32 off); tolerance 1e-3 for the GPU's
+    different summation order."""
+    from headlab.runtime import fused
+
+    monkeypatch.setattr(fused, "MATMUL", matmul)
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build(row, "cuda")
     mask = masks(model)["mixed"]

@@ -84,7 +84,7 @@ def run_layer(m: ModelModules, index: int, x: torch.Tensor, delta: torch.Tensor 
     layer, (batch, t, _) = m.layers[index], x.shape
 
     def heads(h: torch.Tensor) -> torch.Tensor:
-        q, k, v = layer.project(h, ops.norm)
+        q, k, v = layer.project(h, ops)
         q, k = ops.rotary(q, k, *tables[layer.layer_type])
         return attend(index, layer, q, k, v).transpose(1, 2).reshape(batch, t, -1)
 

@@ -505,6 +505,7 @@ def budget_sweep(model, contexts, fractions=FRACTIONS, batches=BATCHES, *, steps
 # --- where a decode step's time goes (torch.profiler) and the longest context that fits (CUDA) ----------------------
 
 KERNEL_KINDS = (("attention: Triton split-KV partials", ("_partial_kernel",)), ("attention: combine", ("_combine_kernel",)),
+                ("matrix products (Triton gemv_kernel)", ("_gemv_kernel",)),
                 ("fused elementwise (torch.compile)", ("triton_",)),
                 ("matrix products (cuBLAS)", ("gemv", "gemm", "nvjet", "cutlass", "sm90", "sm80", "cublas", "splitk")))
 

@@ -24,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Keys per block, programs to aim for (two per SM), warps, pipeline stages (None: 3 at batch 1, else 2). Chosen
+# Keys per block, programs to aim for (two per SM), the fewest keys a program reads (`min_chunk`: at short contexts
+# fewer, longer splits leave the combine less to merge), warps, pipeline stages (None: 3 at batch 1, else 2). Chosen
 # on an H100, 2026-12-05 (analyses/runtime_benchmark.py --microbench): fewer, longer splits than 4 programs per SM
 # leave the combine less to merge (at 528 it took 8-20 us a layer); a third stage keeps more loads in flight at
 # batch 1 (8 full heads at 128k: 1.08x the floor against 1.14x) but costs a third at batch 16 (1.53x against 1.14x).
-CONFIG = {"block_n": 64, "programs": 264, "num_warps": 4, "num_stages": None}
+CONFIG = {"block_n": 64, "programs": 264, "min_chunk": 64, "num_warps": 4, "num_stages": None}
 COMBINE_BLOCK = 128  # partials merged per iteration of the combine kernel, at most
 
 
@@ -102,9 +103,10 @@ def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     base = ((b * n_kv + j) * max_splits + split) * BLOCK_G
-    tl.store(acc_ptr + (base + rows[:, None]) * D + cols[None, :], acc)
-    tl.store(m_ptr + base + rows, m_i)
-    tl.store(l_ptr + base + rows, l_i)
+    real = rows < G  # the padding rows of the dot are never read back: not stored
+    tl.store(acc_ptr + (base + rows[:, None]) * D + cols[None, :], acc, mask=real[:, None])
+    tl.store(m_ptr + base + rows, m_i, mask=real)
+    tl.store(l_ptr + base + rows, l_i, mask=real)
 
 
 @triton.jit
@@ -135,11 +137,12 @@ def _combine_kernel(acc_ptr, m_ptr, l_ptr, order_ptr, out_ptr, n_kv, n_full, ful
     tl.store(out_ptr + ((b * n_kv + h) * G + g) * D + cols, (acc_run / l_run).to(out_ptr.dtype.element_ty))
 
 
-def plan(batch: int, n_full: int, n_stream: int, max_length: int, window: int, programs: int, block_n: int) -> tuple[int, int, int]:
-    """`(chunk, full_splits, stream_splits)`: slots per program (a multiple of `block_n`) so that about `programs`
-    programs share the longest buffer's slots, and the splits of each kind of head. Static for a cache."""
+def plan(batch: int, n_full: int, n_stream: int, max_length: int, window: int, programs: int, block_n: int,
+         min_chunk: int = 0) -> tuple[int, int, int]:
+    """`(chunk, full_splits, stream_splits)`: slots per program (a multiple of `block_n`, at least `min_chunk`) so that
+    about `programs` programs share the longest buffer's slots, and the splits of each kind of head. Static for a cache."""
     heads, slots = (n_full, max_length) if n_full else (n_stream, window)
-    splits = max(1, min(triton.cdiv(slots, block_n), triton.cdiv(programs, batch * heads)))
+    splits = max(1, min(triton.cdiv(slots, max(block_n, min_chunk)), triton.cdiv(programs, batch * heads)))
     chunk = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
     return chunk, triton.cdiv(max_length, chunk) if n_full else 0, triton.cdiv(window, chunk) if n_stream else 0
 
@@ -160,7 +163,8 @@ def decode_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fu
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("decode_layer needs the last dim of query, key and value contiguous.")
     config = {**CONFIG, **config}
-    chunk, full_splits, stream_splits = plan(batch, n_full, n_stream, max_length, window, config["programs"], config["block_n"])
+    chunk, full_splits, stream_splits = plan(batch, n_full, n_stream, max_length, window, config["programs"], config["block_n"],
+                                             config["min_chunk"])
     max_splits = max(full_splits, stream_splits)
     block_g = max(16, triton.next_power_of_2(group))
     acc = torch.empty(batch, n_kv, max_splits, block_g, d, dtype=torch.float32, device=query.device)

@@ -5,7 +5,9 @@ graph each still costs a microsecond or two. These functions compute what the fa
 (its norm with the family's convention, `weights.NORM_KINDS`: Llama's RMSNorm `w * x.to(dtype)`,
 Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerNorm; RoPE on q and
 k; the residual add folded into the next norm; SiLU * up) in one kernel each; the attention of all
-KV heads is one Triton launch (`decode_kernel`). `FusedOps` hands them to the runtime's one layer
+KV heads is one Triton launch (`decode_kernel`), and every matrix product one Triton matrix-vector
+launch when `MATMUL = "auto"` (`gemv_kernel`: no split-K reduce, a gated MLP's SiLU * up read inside
+the down projection; "cublas" keeps torch's). `FusedOps` hands them to the runtime's one layer
 function (`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA
 in the "sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the
 CPU against the modules.
@@ -16,8 +18,11 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from headlab.runtime.attention import apply_rotary
+
+MATMUL = "cublas"  # "auto": the decode step's matrix products as `gemv_kernel` on CUDA when Triton imports; "cublas": F.linear
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
@@ -58,6 +63,21 @@ def compiled(name: str):
     return torch.compile(FUNCTIONS[name], dynamic=False, fullgraph=True)
 
 
+@functools.cache
+def _gemv_module():
+    try:
+        from headlab.runtime import gemv_kernel
+    except ImportError:
+        return None
+    return gemv_kernel
+
+
+def triton_gemv(x: torch.Tensor, weight: torch.Tensor):
+    """`gemv_kernel` when `MATMUL` is "auto", `x` is on CUDA, Triton imports and the kernel takes this product, else None."""
+    kernel = _gemv_module() if MATMUL == "auto" and x.is_cuda else None
+    return kernel if kernel is not None and kernel.supports(x, weight) else None
+
+
 def is_silu(act) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation") or act is F.silu
 
@@ -77,6 +97,16 @@ class ModuleOps:
     @staticmethod
     def norm(module, x: torch.Tensor) -> torch.Tensor:
         return x if module is None else module(x)
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A matrix product of packed weights (`weights.PackedLayer`)."""
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A projection module of the family (q/k/v, o_proj, the MLP's)."""
+        return module(x)
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, module) -> tuple[torch.Tensor, torch.Tensor]:
         """`x + delta` (delta None: x) and its norm (module None: itself)."""
@@ -117,16 +147,34 @@ class FusedOps(ModuleOps):
         return compiled("rotary")(q, k, cos, sin)
 
     @staticmethod
-    def mlp(layer, h: torch.Tensor) -> torch.Tensor:
-        """A gated MLP from one packed gate/up product (or the family's fused `gate_up_proj`); others as the module."""
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel = triton_gemv(x, weight)
+        return F.linear(x, weight, bias) if kernel is None else kernel.linear(x, weight, bias)
+
+    def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if type(module) is nn.Linear:  # exactly: a subclass (quantized, LoRA) may compute something else
+            return self.linear(x, module.weight, module.bias)
+        return module(x)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        """A gated MLP from one packed gate/up product (or the family's fused `gate_up_proj`); others as the module.
+        With the matrix-vector kernel and SiLU, the down projection reads `[gate | up]` and applies SiLU * up itself."""
         packed = layer.packed
         if packed is not None and packed.gate_up is not None:
-            gate, up = F.linear(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+            gate_up = self.linear(h, packed.gate_up, packed.gate_up_bias)
         elif len(layer.gate_up) == 1:
-            gate, up = layer.gate_up[0](h).chunk(2, dim=-1)
+            gate_up = self.apply(layer.gate_up[0], h)
         elif len(layer.gate_up) == 2:
-            gate, up = layer.gate_up[0](h), layer.gate_up[1](h)
+            gate_up = None
+            gate, up = self.apply(layer.gate_up[0], h), self.apply(layer.gate_up[1], h)
         else:
             return layer.mlp(h)
+        down = layer.down
+        if gate_up is not None and is_silu(layer.act) and type(down) is nn.Linear:
+            kernel = triton_gemv(gate_up[..., :down.in_features], down.weight)
+            if kernel is not None:
+                return kernel.linear(gate_up, down.weight, down.bias, gated=True)
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
         act = compiled("silu_mul") if is_silu(layer.act) else (lambda g, u: layer.act(g) * u)
-        return layer.down(act(gate, up))
+        return self.apply(down, act(gate, up))

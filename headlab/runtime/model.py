@@ -44,7 +44,7 @@ def layer_forward(layer: LayerModules, x: torch.Tensor, delta: torch.Tensor | No
     `attend(h)` -> the attention heads' output before `o_proj` `[batch, t, n_heads * d_head]`. Returns `(x, delta)`."""
     input_norm, attn_out_norm, mlp_norm, mlp_out_norm = layer.norms
     x, h = ops.add_norm(x, delta, input_norm)
-    a = ops.norm(attn_out_norm, layer.o_proj(attend(h)))
+    a = ops.norm(attn_out_norm, ops.apply(layer.o_proj, attend(h)))
     if parallel:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
         return x, ops.mlp(layer, ops.norm(mlp_norm, x)) + a
     x, h = ops.add_norm(x, a, mlp_norm)
@@ -221,9 +221,9 @@ class CompressedLM:
         device = placement.module_device(m.final_norm)
         return ops.add_norm(_to(x, device), _to(delta, device), m.final_norm)[1]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, ops: fused.ModuleOps = fused.ModuleOps()) -> torch.Tensor:
         """The final-normed hidden state -> logits `[batch, t, vocab]`, on the lm_head's device."""
-        return self.modules.logits(hidden.to(self.modules.lm_head.weight.device))
+        return self.modules.logits(hidden.to(self.modules.lm_head.weight.device), ops)
 
     def _chunk(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embed and run one chunk `[batch, t]` through every layer, updating the cache; returns the
@@ -242,7 +242,7 @@ class CompressedLM:
 
     def _attend(self, index: int, layer: LayerModules, h: torch.Tensor, cos, sin, where, ops) -> torch.Tensor:
         """`h` `[batch, t, d_model]` -> the attention heads' output `[batch, t, n_heads * d_head]` (before `o_proj`)."""
-        q, k, v = layer.project(h, ops.norm)
+        q, k, v = layer.project(h, ops)
         q, k = ops.rotary(q, k, cos, sin)
         batch, n_heads, t, d = q.shape
         cache = self.cache
@@ -280,7 +280,7 @@ class CompressedLM:
         slots = cache.begin_step()
         normed = self._layers(m.embed(tokens), cache.pos, slots, self.decode_ops)
         cache.end_step()
-        return self._logits(normed)
+        return self._logits(normed, self.decode_ops)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NORM_KINDS = ("rms", "rms_1p", "rms_f32", "layer")  # the functional twins live in `fused` (CUDA decode step)
@@ -159,25 +158,26 @@ class LayerModules:
     def qkv_sizes(self) -> tuple[int, int, int]:
         return self.n_heads * self.d_head, self.n_kv_heads * self.d_head, self.n_kv_heads * self.d_head
 
-    def project(self, h: torch.Tensor, norm: Callable) -> tuple[torch.Tensor, ...]:
+    def project(self, h: torch.Tensor, ops) -> tuple[torch.Tensor, ...]:
         """`h` `[batch, t, d_model]` -> q `[batch, n_heads, t, d_head]`, k, v `[batch, n_kv_heads, t, d_head]` before
-        RoPE, q/k norms applied with `norm(module, x)` (the module itself, or its fused twin on the CUDA decode step)."""
+        RoPE, q/k norms applied: `ops` (`fused.ModuleOps`, or `FusedOps` on the CUDA decode step) runs the norms
+        (`ops.norm(module, x)`) and the products (`ops.apply(module, x)`, `ops.linear(x, weight, bias)`)."""
         batch, t, _ = h.shape
         layout = self.family.qkv_layout
         if layout == "interleaved":  # GPT-NeoX: [batch, t, n_heads, 3 * d_head], each head's q, k, v side by side
-            q, k, v = self.qkv[0](h).view(batch, t, self.n_heads, 3 * self.d_head).chunk(3, dim=-1)
+            q, k, v = ops.apply(self.qkv[0], h).view(batch, t, self.n_heads, 3 * self.d_head).chunk(3, dim=-1)
         else:
             if self.packed is not None and self.packed.qkv is not None:
-                q, k, v = F.linear(h, self.packed.qkv, self.packed.qkv_bias).split(self.qkv_sizes, dim=-1)
+                q, k, v = ops.linear(h, self.packed.qkv, self.packed.qkv_bias).split(self.qkv_sizes, dim=-1)
             elif layout == "blocks":
-                q, k, v = self.qkv[0](h).split(self.qkv_sizes, dim=-1)
+                q, k, v = ops.apply(self.qkv[0], h).split(self.qkv_sizes, dim=-1)
             else:
-                q, k, v = (proj(h) for proj in self.qkv)
+                q, k, v = (ops.apply(proj, h) for proj in self.qkv)
             if self.family.qk_norm == "projection":
-                q, k = norm(self.q_norm, q), norm(self.k_norm, k)
+                q, k = ops.norm(self.q_norm, q), ops.norm(self.k_norm, k)
             q, k, v = (x.view(batch, t, -1, self.d_head) for x in (q, k, v))
         if self.family.qk_norm == "head":
-            q, k = norm(self.q_norm, q), norm(self.k_norm, k)
+            q, k = ops.norm(self.q_norm, q), ops.norm(self.k_norm, k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -228,9 +228,10 @@ class ModelModules:
             return {None: self.rotary(x, positions[None])}
         return {kind: self.rotary(x, positions[None], kind) for kind in {layer.layer_type for layer in self.layers}}
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The final-normed hidden state `[batch, t, d_model]` -> logits `[batch, t, vocab]` (final soft-cap included)."""
-        logits = self.lm_head(h)
+    def logits(self, h: torch.Tensor, ops=None) -> torch.Tensor:
+        """The final-normed hidden state `[batch, t, d_model]` -> logits `[batch, t, vocab]` (final soft-cap included);
+        `ops.apply` runs the lm_head where given (the CUDA decode step's `fused.FusedOps`)."""
+        logits = self.lm_head(h) if ops is None else ops.apply(self.lm_head, h)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
