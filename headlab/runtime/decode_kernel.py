@@ -11,6 +11,8 @@ split), so a step reads exactly the keys and values the cache holds, once, and n
 - the new token's key and value (`slot` = `pos`, or its ring slot) come from the step's own
   `key`/`value`, and the program holding split 0 of each head stores them: appending and attending
   are the same launch (no separate cache write, no mask vector, no gather or merge of heads);
+- RoPE of the step's query and key (transformers' rotate-half form, partial rotary included) is
+  applied as each program loads them, given this position's cos/sin: no rotary kernel either;
 - each program keeps an online-softmax partial (max, sum, weighted values, float32; Dao et al.
   2023, "Flash-Decoding"), and a second small kernel combines a head's partials and writes the
   output directly in query-head order, `[batch, n_kv, group, d]` = `[batch, n_heads, d]`.
@@ -39,12 +41,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _rotated(x, x_ptrs_partner, inside, cos, sin, sign):
+    """RoPE of `x` (`[..., D]`) as transformers' `x * cos + rotate_half(x) * sin`, float32, in `x`'s dtype: the
+    partner channel (`c + D_ROT/2` or `c - D_ROT/2`) is loaded through `x_ptrs_partner`; channels past D_ROT pass."""
+    partner = tl.load(x_ptrs_partner, mask=inside, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * cos + sign * partner * sin).to(x.dtype)
+
+
+@triton.jit
 def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
-                    n_kv, n_full, n_stream, full_splits, stream_splits, max_splits, chunk, window, sink, recent,
-                    scale, softcap,
+                    cos_ptr, sin_ptr, n_kv, n_full, n_stream, full_splits, stream_splits, max_splits, chunk, window, sink,
+                    recent, scale, softcap,
                     sqb, sqh, sqg, skb, skh, svb, svh, sfb, sfh, sfn, ssb, ssh, ssn,
                     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    SOFTCAP: tl.constexpr, D_ROT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     pos = tl.load(pos_ptr).to(tl.int32)
     per_batch_full = n_full * full_splits
@@ -71,9 +81,19 @@ def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order
     h = tl.load(order_ptr + j)  # the KV head's index in the model (query heads h * G ... h * G + G - 1)
     rows = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqg + cols[None, :], mask=rows[:, None] < G, other=0.0)
+    q_rows = q_ptr + b * sqb + h * sqh + rows[:, None] * sqg
+    q = tl.load(q_rows + cols[None, :], mask=rows[:, None] < G, other=0.0)
     k_new = tl.load(kn_ptr + b * skb + h * skh + cols)
     v_new = tl.load(vn_ptr + b * svb + h * svh + cols)
+    if D_ROT > 0:  # the step's RoPE here, not in a kernel of its own: cos/sin `[D_ROT]` of this position
+        half: tl.constexpr = D_ROT // 2
+        rotates = cols < D_ROT
+        partner = tl.where(rotates, tl.where(cols < half, cols + half, cols - half), cols)
+        cos = tl.load(cos_ptr + cols, mask=rotates, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cols, mask=rotates, other=0.0).to(tl.float32)
+        sign = tl.where(cols < half, -1.0, 1.0)
+        q = _rotated(q, q_rows + partner[None, :], rows[:, None] < G, cos[None, :], sin[None, :], sign[None, :])
+        k_new = _rotated(k_new, kn_ptr + b * skb + h * skh + partner, cols < D, cos, sin, sign)
     if split == 0:  # append: the only program that writes this head's slot (the others never read it)
         tl.store(k_base + new_slot.to(tl.int64) * stride_n + cols, k_new)
         tl.store(v_base + new_slot.to(tl.int64) * stride_n + cols, v_new)
@@ -149,14 +169,15 @@ def plan(batch: int, n_full: int, n_stream: int, max_length: int, window: int, p
 
 def decode_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full_kv: torch.Tensor, stream_kv: torch.Tensor,
                  order: torch.Tensor, pos: torch.Tensor, sink: int, recent: int, scaling: float, softcap: float = 0.0,
-                 **config) -> torch.Tensor:
+                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, **config) -> torch.Tensor:
     """Append the step's keys and values to a layer's cache and attend, every KV head in one launch (+ a combine).
 
-    `query` `[batch, n_kv, group, d]` (RoPE applied; last dim contiguous), `key`/`value` `[batch, n_kv, d]` (this
-    token's), `full_kv` `[2, batch, n_full, max_length, d]` and `stream_kv` `[2, batch, n_stream, window, d]` (keys,
-    values; contiguous), `order` `[n_kv]` int32 (the model's KV-head indices, full heads then streaming, in buffer
-    order), `pos` `[1]` long on the device (this token's position). Returns `[batch, n_kv, group, d]` in model order.
-    """
+    `query` `[batch, n_kv, group, d]` (last dim contiguous), `key`/`value` `[batch, n_kv, d]` (this token's),
+    `full_kv` `[2, batch, n_full, max_length, d]` and `stream_kv` `[2, batch, n_stream, window, d]` (keys, values;
+    contiguous), `order` `[n_kv]` int32 (the model's KV-head indices, full heads then streaming, in buffer order),
+    `pos` `[1]` long on the device (this token's position). `rotary`: this position's `(cos, sin)` (`d_rot` values
+    each, any leading ones), applied to `query` and `key` inside the launch; None: they are rotated already.
+    Returns `[batch, n_kv, group, d]` in model order."""
     batch, n_kv, group, d = query.shape
     _, _, n_full, max_length, _ = full_kv.shape
     n_stream, window = stream_kv.shape[2], stream_kv.shape[3]
@@ -172,14 +193,18 @@ def decode_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fu
     l = torch.empty_like(m)
     fk, fv = full_kv.unbind(0) if n_full else stream_kv.unbind(0)  # a stand-in pointer where a kind has no head
     sk, sv = stream_kv.unbind(0) if n_stream else (fk, fv)
+    cos, sin = (t.reshape(-1) for t in rotary) if rotary is not None else (query, query)  # stand-ins, never read
+    d_rot = cos.numel() if rotary is not None else 0
+    if d_rot % 2 or d_rot > d or (rotary is not None and (cos.stride(0) != 1 or sin.stride(0) != 1)):
+        raise ValueError(f"decode_layer: rotary tables of {d_rot} channels (contiguous, even, at most d_head={d}) expected.")
     grid = (batch * (n_full * full_splits + n_stream * stream_splits),)
     _partial_kernel[grid](
-        query, key, value, fk, fv, sk, sv, order, pos, acc, m, l,
+        query, key, value, fk, fv, sk, sv, order, pos, acc, m, l, cos, sin,
         n_kv, n_full, n_stream, full_splits, stream_splits, max_splits, chunk, window, sink, recent,
         float(scaling), float(softcap or 1.0),
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         fk.stride(0), fk.stride(1), fk.stride(2), sk.stride(0), sk.stride(1), sk.stride(2),
-        G=group, BLOCK_G=block_g, D=d, BLOCK_N=config["block_n"], SOFTCAP=bool(softcap), PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        G=group, BLOCK_G=block_g, D=d, BLOCK_N=config["block_n"], SOFTCAP=bool(softcap), D_ROT=d_rot, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"] or (3 if batch == 1 else 2))
     out = torch.empty(batch, n_kv, group, d, dtype=query.dtype, device=query.device)
     block_s = min(COMBINE_BLOCK, max(2, triton.next_power_of_2(max_splits)))  # most heads: one iteration

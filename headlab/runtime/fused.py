@@ -3,9 +3,9 @@
 A decode step at batch 1 is ~60 small kernels per layer besides the matrix products; in a CUDA
 graph each still costs a microsecond or two. These functions compute what the family's modules do
 (its norm with the family's convention, `weights.NORM_KINDS`: Llama's RMSNorm `w * x.to(dtype)`,
-Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerNorm; RoPE on q and
-k; the residual add folded into the next norm; SiLU * up) in one kernel each; the attention of all
-KV heads is one Triton launch (`decode_kernel`), and every matrix product one Triton matrix-vector
+Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerNorm; the residual
+add folded into the next norm; SiLU * up) in one kernel each; the attention of all KV heads, RoPE
+of the step's query and key included, is one Triton launch (`decode_kernel`), and every matrix product one Triton matrix-vector
 launch when `MATMUL = "auto"` (`gemv_kernel`: no split-K reduce, a gated MLP's SiLU * up read inside
 the down projection; "cublas" keeps torch's). `FusedOps` hands them to the runtime's one layer
 function (`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA
@@ -42,16 +42,11 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: 
     return x, _norm(x, weight, bias, eps, kind)
 
 
-def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on `q` `[batch, n_heads, 1, d]` and `k` `[batch, n_kv, 1, d]` in one kernel."""
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-FUNCTIONS = {"norm": _norm, "add_norm": _add_norm, "rotary": _rotary, "silu_mul": _silu_mul}
+FUNCTIONS = {"norm": _norm, "add_norm": _add_norm, "silu_mul": _silu_mul}
 
 
 @functools.cache
@@ -141,10 +136,6 @@ class FusedOps(ModuleOps):
         if delta is None or module is None:
             return super().add_norm(x, delta, module)
         return compiled("add_norm")(x, delta, module.weight, getattr(module, "bias", None), norm_eps(module), self.kind)
-
-    @staticmethod
-    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        return compiled("rotary")(q, k, cos, sin)
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,8 @@ of `headlab.runtime.cache` and the segmented eager attention, exact against the 
 `attention="sdpa"` (the default on CUDA) uses `headlab.runtime.static`: buffers preallocated for
 `max_length` tokens, SDPA prefill, and a static-shape decode step that is captured in a CUDA graph
 on CUDA (`cuda_graph=True`) and replayed for every later token. The decode step may run the
-norms, RoPE and activation as fused kernels (`fused.FusedOps`) through the same `layer_forward`.
+norms, activation and matrix products as fused kernels (`fused.FusedOps`) through the same
+`layer_forward`; its RoPE is applied by the cache's decode (inside the Triton attention kernel on CUDA).
 
 A model sharded over several devices (`hl.load(..., device_map=...)`, `headlab.placement`) runs layer by layer:
 each layer's KV cache is allocated on that layer's device, the hidden state (and the rotary tables) move to the
@@ -80,7 +81,7 @@ class CompressedLM:
             embedding that adapts to the length seen, dynamic NTK or LongRoPE: it reads positions on the host;
             not on a model sharded over several devices: one graph is captured on one device's stream, while a
             sharded step hands the hidden state from device to device, so the step runs uncaptured there).
-        fuse: on CUDA with "sdpa", run the decode step's norms, RoPE and residual adds as
+        fuse: on CUDA with "sdpa", run the decode step's norms, residual adds and activation as
             torch.compile'd fused kernels (`headlab.runtime.fused`); default True on CUDA.
         pack: with `fuse`, run each layer's q/k/v and gate/up projections as one matrix product each
             (`weights.pack_layer`: the model's weights are repacked in place, same values, no extra
@@ -243,16 +244,18 @@ class CompressedLM:
     def _attend(self, index: int, layer: LayerModules, h: torch.Tensor, cos, sin, where, ops) -> torch.Tensor:
         """`h` `[batch, t, d_model]` -> the attention heads' output `[batch, t, n_heads * d_head]` (before `o_proj`)."""
         q, k, v = layer.project(h, ops)
-        q, k = ops.rotary(q, k, cos, sin)
         batch, n_heads, t, d = q.shape
         cache = self.cache
+        if isinstance(cache, StaticCache) and not isinstance(where, ChunkPlan):
+            # decode: every KV head at once, the group's query heads as the rows of their KV head; RoPE inside
+            out = cache.decode(cache.layers[index], q.reshape(batch, -1, self.group, d), k[:, :, 0], v[:, :, 0],
+                               layer.scaling, layer.softcap or 0.0, rotary=(cos, sin)).view(batch, n_heads, 1, d)
+            return out.transpose(1, 2).reshape(batch, t, n_heads * d)
+        q, k = ops.rotary(q, k, cos, sin)
         if isinstance(cache, CompressedCache):
             out = cached_attention(cache.layers[index], q, k, v, where, layer.scaling, layer.softcap)
-        elif isinstance(where, ChunkPlan):
+        else:
             out = self._prefill_attention(index, layer, q, k, v, where)
-        else:  # decode: every KV head at once, the group's query heads as the rows of their KV head
-            out = cache.decode(cache.layers[index], q.reshape(batch, -1, self.group, d), k[:, :, 0], v[:, :, 0],
-                               layer.scaling, layer.softcap or 0.0).view(batch, n_heads, 1, d)
         return out.transpose(1, 2).reshape(batch, t, n_heads * d)
 
     def _prefill_attention(self, index: int, layer: LayerModules, q, k, v, plan: ChunkPlan) -> torch.Tensor:

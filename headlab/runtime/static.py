@@ -21,7 +21,7 @@ chunk's sink tokens and its last `recent` in the ring. Gemma 2's logit soft-capp
 lacks, goes through `grouped_attention` in blocks of queries (`masked_attention`).
 
 Decode (`StaticCache.decode`, one token at the device-side position `cache.pos`, all of a layer's
-KV heads in model order): store the token's keys and values (full heads at slot `pos`, streaming
+KV heads in model order): rotate the token's query and key (RoPE), store its keys and values (full heads at slot `pos`, streaming
 heads at their ring slot) and attend, each KV head over the slots it holds: no host
 synchronisation and no shape that depends on the position, so `CompressedLM` can capture the whole
 step in a CUDA graph. On CUDA this is one launch of the split-KV Triton kernel of
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from headlab.runtime.attention import soft_cap
+from headlab.runtime.attention import apply_rotary, soft_cap
 from headlab.runtime.cache import Window, evicted_means
 
 DECODE_KERNEL = "auto"  # "auto": the Triton kernel on CUDA when Triton imports; "eager": decode_reference
@@ -316,10 +316,12 @@ class StaticCache:
                 layer.stream_kv.copy_(state[0])
                 layer.evicted_sums.copy_(state[1])
 
-    def decode(self, layer: StaticLayer, query, key, value, scaling: float, softcap: float = 0.0) -> torch.Tensor:
+    def decode(self, layer: StaticLayer, query, key, value, scaling: float, softcap: float = 0.0,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One token (after `begin_step`), every KV head of `layer`: `query` `[batch, n_kv, group, d]` (a KV head's query
         heads as rows), `key`/`value` `[batch, n_kv, d]` -> `[batch, n_kv, group, d]`, in model head order; the cache now
-        holds the token."""
+        holds the token. `rotary`: this position's `(cos, sin)` `[1, 1, d_rot]` when `query` and `key` are not rotated
+        yet (the Triton kernel rotates them as it loads them)."""
         state = self.states[layer.device]
         window, slot = layer.ring.window, state.step_slots[layer.ring.window]
         if layer.evicted_sums is not None:
@@ -327,7 +329,9 @@ class StaticCache:
         kernel = triton_decode() if query.is_cuda else None
         if kernel is not None:  # streaming heads read slots [0, min(pos + 1, ring.slots)): the compensation slot once
             return kernel(query, key, value, layer.full_kv, layer.stream_kv, layer.order, state.pos, window.sink,  # one was evicted
-                          window.recent, scaling, softcap)
+                          window.recent, scaling, softcap, rotary=rotary)
+        if rotary is not None:
+            query, key = apply_rotary(query, *rotary), apply_rotary(key.unsqueeze(2), *rotary).squeeze(2)
         return self.decode_reference(layer, query, key, value, slot, scaling, softcap)
 
     def compensate(self, layer: StaticLayer, slot: torch.Tensor) -> None:
