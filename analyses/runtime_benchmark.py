@@ -27,7 +27,7 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   against float32. Any runtime error over `CHECK_TOLERANCE` x that floor fails the run (exit 1).
 - `--microbench`: one layer's decode attention alone (the Triton kernel, in a CUDA graph) against
   the copy-bandwidth floor of its bytes, for a few kernel configurations; and each matrix product of
-  the step (`gemv_kernel` against cuBLAS, each shape of the 8B model at batch 1/4/16, the gated down
+  the batch-1 step (`gemv_kernel` against cuBLAS, each shape of the 8B model, the gated down
   projection against `silu_mul` + cuBLAS), over enough copies of the weight that nothing is in L2.
 - `--matmul auto|cublas`: the decode step's matrix products through `gemv_kernel` or `F.linear`
   (cuBLAS), overriding `fused.MATMUL`, for a same-card comparison.
@@ -301,7 +301,7 @@ GEMV_CONFIGS = ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k
                 {"num_stages": 4}, {"num_warps": 8})
 
 
-def gemv_microbench(bw: float, batches=(1, 4, 16), copies_bytes: int = 3 << 30) -> list[dict]:
+def gemv_microbench(bw: float, batches=(1,), copies_bytes: int = 3 << 30) -> list[dict]:
     """Each matrix product of the 8B decode step: `gemv_kernel.linear` (each of `GEMV_CONFIGS`) against cuBLAS
     (`torch.matmul`), ms per product in a CUDA graph over copies of the weight (3 GiB of them: none in L2), and the
     gated down projection (`[gate | up]` in, SiLU * up inside) against the compiled `silu_mul` + cuBLAS."""

@@ -5,9 +5,9 @@ graph each still costs a microsecond or two. These functions compute what the fa
 (its norm with the family's convention, `weights.NORM_KINDS`: Llama's RMSNorm `w * x.to(dtype)`,
 Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerNorm; the residual
 add folded into the next norm; SiLU * up) in one kernel each; the attention of all KV heads, RoPE
-of the step's query and key included, is one Triton launch (`decode_kernel`), and every matrix product one Triton matrix-vector
-launch when `MATMUL = "auto"` (`gemv_kernel`: no split-K reduce, a gated MLP's SiLU * up read inside
-the down projection; "cublas" keeps torch's). `FusedOps` hands them to the runtime's one layer
+of the step's query and key included, is one Triton launch (`decode_kernel`), and at batch 1 every
+matrix product one Triton matrix-vector launch (`gemv_kernel`: no split-K reduce, a gated MLP's
+SiLU * up read inside the down projection; `MATMUL = "cublas"` keeps torch's, as batches above 1 always do). `FusedOps` hands them to the runtime's one layer
 function (`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA
 in the "sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the
 CPU against the modules.
@@ -22,7 +22,7 @@ from torch import nn
 
 from headlab.runtime.attention import apply_rotary
 
-MATMUL = "cublas"  # "auto": the decode step's matrix products as `gemv_kernel` on CUDA when Triton imports; "cublas": F.linear
+MATMUL = "auto"  # "auto": the decode step's matrix products as `gemv_kernel` on CUDA when Triton imports; "cublas": F.linear
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
