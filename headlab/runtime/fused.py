@@ -9,8 +9,8 @@ of the step's query and key included, is one Triton launch (`decode_kernel`), an
 matrix product one Triton matrix-vector launch (`gemv_kernel`: no split-K reduce, a gated MLP's
 SiLU * up read inside the down projection; `MATMUL = "cublas"` keeps torch's, as batches above 1
 always do). `FusedOps` hands them to the runtime's one layer function (`model.layer_forward`) in
-place of the modules, which `ModuleOps` calls: used only on CUDA in the "sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the
-CPU against the modules.
+place of the modules, which `ModuleOps` calls: used only on CUDA in the "sdpa" path's decode step
+(`CompressedLM(fuse=True)`); the tests run them uncompiled on the CPU against the modules.
 """
 from __future__ import annotations
 
