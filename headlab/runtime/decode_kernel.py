@@ -51,14 +51,10 @@ def _rotated(x, x_ptrs_partner, inside, cos, sin, sign):
 
 
 @triton.jit
-def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
-                    cos_ptr, sin_ptr, n_kv, n_full, n_stream, full_splits, stream_splits, max_splits, chunk, window, sink,
-                    recent, scale, softcap,
-                    sqb, sqh, sqg, skb, skh, svb, svh, sfb, sfh, sfn, ssb, ssh, ssn,
-                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SOFTCAP: tl.constexpr, D_ROT: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    pos = tl.load(pos_ptr).to(tl.int32)
+def _locate(pid, pos, fk_ptr, fv_ptr, sk_ptr, sv_ptr, n_full, n_stream, full_splits, stream_splits, window, sink, recent,
+            sfb, sfh, sfn, ssb, ssh, ssn):
+    """Program `pid`'s batch row `b`, head place `j` in `order` (full heads first), split, key/value bases, slot stride,
+    slots held and the step's own slot."""
     per_batch_full = n_full * full_splits
     per_batch = per_batch_full + n_stream * stream_splits
     b = pid // per_batch
@@ -80,6 +76,61 @@ def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order
         stride_n = ssn
         length = tl.minimum(pos + 1, window)
         new_slot = tl.where(pos < sink, pos, sink + (pos - sink) % recent)
+    return b, j, split, k_base, v_base, stride_n, length, new_slot
+
+
+@triton.jit
+def _rope(q, k_new, q_rows, k_row, rows, cols, cos_ptr, sin_ptr, G: tl.constexpr, D: tl.constexpr,
+          D_ROT: tl.constexpr):
+    """The step's RoPE here, not in a kernel of its own: `q` `[BLOCK_G, D]` and `k_new` `[D]` rotated by this
+    position's cos/sin `[D_ROT]` (the partner channels re-read through `q_rows` / `k_row`)."""
+    half: tl.constexpr = D_ROT // 2
+    rotates = cols < D_ROT
+    partner = tl.where(rotates, tl.where(cols < half, cols + half, cols - half), cols)
+    cos = tl.load(cos_ptr + cols, mask=rotates, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cols, mask=rotates, other=0.0).to(tl.float32)
+    sign = tl.where(cols < half, -1.0, 1.0)
+    q = _rotated(q, q_rows + partner[None, :], rows[:, None] < G, cos[None, :], sin[None, :], sign[None, :])
+    return q, _rotated(k_new, k_row + partner, cols < D, cos, sin, sign)
+
+
+@triton.jit
+def _attend_block(q, k_new, v_new, k_base, v_base, stride_n, n0, end, new_slot, cols, m_i, l_i, acc, scale, softcap,
+                  SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over slots `n0 .. n0 + BLOCK_N` (below `end`), the step's own slot from `k_new`/`v_new`, not the
+    cache: the running max `m_i`, sum `l_i` `[BLOCK_G]` (log2 units) and output `acc` `[BLOCK_G, D]`, updated."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    inside = offs < end
+    is_new = offs == new_slot
+    from_cache = inside & (offs != new_slot)
+    ptrs = offs.to(tl.int64)[:, None] * stride_n + cols[None, :]
+    k = tl.load(k_base + ptrs, mask=from_cache[:, None], other=0.0)
+    k = tl.where(is_new[:, None], k_new[None, :], k)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
+    if SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    s = tl.where(inside[None, :], s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 below
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + ptrs, mask=from_cache[:, None], other=0.0)
+    v = tl.where(is_new[:, None], v_new[None, :], v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
+                    cos_ptr, sin_ptr, n_kv, n_full, n_stream, full_splits, stream_splits, max_splits, chunk, window, sink,
+                    recent, scale, softcap,
+                    sqb, sqh, sqg, skb, skh, svb, svh, sfb, sfh, sfn, ssb, ssh, ssn,
+                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SOFTCAP: tl.constexpr, D_ROT: tl.constexpr, PRECISION: tl.constexpr):
+    pos = tl.load(pos_ptr).to(tl.int32)
+    b, j, split, k_base, v_base, stride_n, length, new_slot = _locate(
+        tl.program_id(0), pos, fk_ptr, fv_ptr, sk_ptr, sv_ptr, n_full, n_stream, full_splits, stream_splits, window, sink,
+        recent, sfb, sfh, sfn, ssb, ssh, ssn)
     h = tl.load(order_ptr + j)  # the KV head's index in the model (query heads h * G ... h * G + G - 1)
     rows = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, D)
@@ -87,15 +138,8 @@ def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order
     q = tl.load(q_rows + cols[None, :], mask=rows[:, None] < G, other=0.0)
     k_new = tl.load(kn_ptr + b * skb + h * skh + cols)
     v_new = tl.load(vn_ptr + b * svb + h * svh + cols)
-    if D_ROT > 0:  # the step's RoPE here, not in a kernel of its own: cos/sin `[D_ROT]` of this position
-        half: tl.constexpr = D_ROT // 2
-        rotates = cols < D_ROT
-        partner = tl.where(rotates, tl.where(cols < half, cols + half, cols - half), cols)
-        cos = tl.load(cos_ptr + cols, mask=rotates, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + cols, mask=rotates, other=0.0).to(tl.float32)
-        sign = tl.where(cols < half, -1.0, 1.0)
-        q = _rotated(q, q_rows + partner[None, :], rows[:, None] < G, cos[None, :], sin[None, :], sign[None, :])
-        k_new = _rotated(k_new, kn_ptr + b * skb + h * skh + partner, cols < D, cos, sin, sign)
+    if D_ROT > 0:
+        q, k_new = _rope(q, k_new, q_rows, kn_ptr + b * skb + h * skh, rows, cols, cos_ptr, sin_ptr, G, D, D_ROT)
     if split == 0:  # append: the only program that writes this head's slot (the others never read it)
         tl.store(k_base + new_slot.to(tl.int64) * stride_n + cols, k_new)
         tl.store(v_base + new_slot.to(tl.int64) * stride_n + cols, v_new)
@@ -105,25 +149,8 @@ def _partial_kernel(q_ptr, kn_ptr, vn_ptr, fk_ptr, fv_ptr, sk_ptr, sv_ptr, order
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        inside = offs < end
-        is_new = offs == new_slot
-        from_cache = inside & (offs != new_slot)
-        ptrs = offs.to(tl.int64)[:, None] * stride_n + cols[None, :]
-        k = tl.load(k_base + ptrs, mask=from_cache[:, None], other=0.0)
-        k = tl.where(is_new[:, None], k_new[None, :], k)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
-        if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = tl.where(inside[None, :], s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 below
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + ptrs, mask=from_cache[:, None], other=0.0)
-        v = tl.where(is_new[:, None], v_new[None, :], v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_new, v_new, k_base, v_base, stride_n, n0, end, new_slot, cols, m_i, l_i, acc,
+                                      scale, softcap, SOFTCAP, BLOCK_N, PRECISION)
     base = ((b * n_kv + j) * max_splits + split) * BLOCK_G
     real = rows < G  # the padding rows of the dot are never read back: not stored
     tl.store(acc_ptr + (base + rows[:, None]) * D + cols[None, :], acc, mask=real[:, None])
