@@ -16,7 +16,8 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   model's: same bytes, same kernels). Targets: decode <= 1.15x the floor, never slower at a smaller budget.
 - `--peak`: batch 1, a real chunked prefill per budget and context: the prefill peak above the
   weights (target <= KV + 2 GiB) and the decode step after it.
-- `--profile`: torch.profiler's GPU time per kernel kind of one decode step (`profile_step`).
+- `--profile`: torch.profiler's GPU time per kernel kind of one decode step (`profile_step`), at 8k and 128k
+  for batch 1, at 8k for each larger batch of `--batches`, 25% and 100% full heads.
 - `--longest`: the longest context that prefills and decodes at 25% full heads and with the full
   cache (`longest_context`: doubling, then bisection, out-of-memory caught).
 - `--check`: the runtime's logits against float32 references, on a 4-layer model of the 8B shape
@@ -25,12 +26,16 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   runtime's eager path (the streaming-window reference). The bf16 noise floor is measured too: the
   error of the bf16 references themselves (transformers' SDPA and eager attention, the eager path)
   against float32. Any runtime error over `CHECK_TOLERANCE` x that floor fails the run (exit 1).
-- `--microbench`: one layer's decode attention alone (the Triton kernel, in a CUDA graph) against
-  the copy-bandwidth floor of its bytes, for a few kernel configurations; and each matrix product of
-  the batch-1 step (`gemv_kernel` against cuBLAS, each shape of the 8B model, the gated down
-  projection against `silu_mul` + cuBLAS), over enough copies of the weight that nothing is in L2.
+- `--microbench [attention] [gemv]` (both if none named): one layer's decode attention alone (the
+  Triton kernel, in a CUDA graph) against the copy-bandwidth floor of its bytes, for a few kernel
+  configurations; and each matrix product of the step at 1 and 4 tokens (`gemv_kernel` against
+  cuBLAS, each shape of the 8B model, the gated down projection against `silu_mul` + cuBLAS), over
+  enough copies of the weight that nothing is in L2.
 - `--matmul auto|cublas`: the decode step's matrix products through `gemv_kernel` or `F.linear`
-  (cuBLAS), overriding `fused.MATMUL`, for a same-card comparison.
+  (cuBLAS), overriding `fused.MATMUL`; `--gemv-rows 4`: batches of up to 4 through `gemv_kernel`
+  (`fused.GEMV_ROWS`, 1 by default: 2-4 rows compute exactly but are not yet timed);
+  `--attention-config '{"min_chunk": 256}'`: changes to the attention kernel's `decode_kernel.CONFIG`;
+  all for same-card comparisons.
 - `--kinds`: the old table, the `MaskConfig` mask (50%) against `hf_full` (DynamicCache), `hf_static`
   (StaticCache + CUDA graph), `kvpress_duo` (kvpress' DuoAttentionPress; needs transformers<5.3, so
   its own environment, merged at render time) and `compressed`, with a real prefill.
@@ -297,11 +302,14 @@ def microbench(bw: float, cases=((2, 6, 8192, 1), (8, 0, 8192, 1), (2, 6, 32768,
 
 GEMV_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                "lm_head": (128256, 4096)}  # Llama-3.1-8B, packed as the fused step runs them: [out, in]
-GEMV_CONFIGS = ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k": 1024}, {"num_stages": 2},
-                {"num_stages": 4}, {"num_warps": 8})
+GEMV_CONFIGS = {  # by input rows: changes to gemv_kernel.CONFIGS[rows]
+    1: ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k": 1024}, {"num_stages": 2}, {"num_stages": 4},
+        {"num_warps": 8}),
+    4: ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 64}, {"block_k": 256}, {"num_stages": 2}, {"num_stages": 4},
+        {"num_warps": 8}, {"block_n": 16, "block_k": 64}, {"block_n": 4, "block_k": 256})}
 
 
-def gemv_microbench(bw: float, batches=(1,), copies_bytes: int = 3 << 30) -> list[dict]:
+def gemv_microbench(bw: float, batches=(1, 4), copies_bytes: int = 3 << 30) -> list[dict]:
     """Each matrix product of the 8B decode step: `gemv_kernel.linear` (each of `GEMV_CONFIGS`) against cuBLAS
     (`torch.matmul`), ms per product in a CUDA graph over copies of the weight (3 GiB of them: none in L2), and the
     gated down projection (`[gate | up]` in, SiLU * up inside) against the compiled `silu_mul` + cuBLAS."""
@@ -319,8 +327,12 @@ def gemv_microbench(bw: float, batches=(1,), copies_bytes: int = 3 << 30) -> lis
                    "cublas": _graph_ms(lambda i=0: torch.matmul(x, weights[i].t()), calls=copies)}
             expected = F.linear(x.float(), weights[0].float())
             row["error"] = rel(gemv_kernel.linear(x, weights[0]), expected)
-            for config in GEMV_CONFIGS:
-                row[json.dumps(config)] = _graph_ms(lambda i=0, c=config: gemv_kernel.linear(x, weights[i], **c), calls=copies)
+            for config in GEMV_CONFIGS[batch]:
+                try:
+                    row[json.dumps(config)] = _graph_ms(lambda i=0, c=config: gemv_kernel.linear(x, weights[i], **c),
+                                                        calls=copies)
+                except Exception as error:  # a configuration the compiler cannot fit (registers, shared memory)
+                    print("gemv", name, batch, config, "failed:", str(error)[:120], flush=True)
             if name == "down":
                 gate_up = torch.randn(batch, 2 * k, dtype=torch.bfloat16, device="cuda")
                 silu_mul = fused.compiled("silu_mul")
@@ -610,7 +622,8 @@ def run_stages(args, result: dict, save) -> None:
                                                                 steps=args.new_tokens, warmup=args.warmup, log=log)]
             save()
     if args.profile:
-        result["profile"] = [profile_step(model, budget_mask(model, f), c) for c in (8192, 131072) for f in (0.25, 1.0)]
+        result["profile"] = [profile_step(model, budget_mask(model, f), c, batch=batch) for batch in args.batches
+                             for c in ((8192, 131072) if batch == 1 else (8192,)) for f in (0.25, 1.0)]
         for p in result["profile"]:
             log(p)
         save()
@@ -638,16 +651,28 @@ def run_stages(args, result: dict, save) -> None:
             result["rows"] += [_clean(r) for r in df.to_dict("records")]
             print(df.to_string(index=False), flush=True)
             save()
-    if args.microbench:
-        result["microbench"] = microbench(result["copy_bandwidth_Bps"])
-        save()
-        result["gemv"] = gemv_microbench(result["copy_bandwidth_Bps"])
-        save()
+    if args.microbench is not None:
+        if "attention" in args.microbench or not args.microbench:
+            result["microbench"] = microbench(result["copy_bandwidth_Bps"])
+            save()
+        if "gemv" in args.microbench or not args.microbench:
+            result["gemv"] = gemv_microbench(result["copy_bandwidth_Bps"])
+            save()
     if args.longest:
         result["longest"] = []
         for fraction in args.longest:
             result["longest"].append(longest_context(model, budget_mask(model, fraction), chunk_size=args.chunk_size, log=log))
             save()
+
+
+def decode_kernel_config(changes: dict) -> None:
+    """Apply `--attention-config` to the Triton decode kernel's `CONFIG` (a same-card comparison of its settings)."""
+    from headlab.runtime import decode_kernel
+
+    unknown = set(changes) - set(decode_kernel.CONFIG)
+    if unknown:
+        raise SystemExit(f"--attention-config: unknown keys {sorted(unknown)}; decode_kernel.CONFIG has {sorted(decode_kernel.CONFIG)}.")
+    decode_kernel.CONFIG.update(changes)
 
 
 def main(argv=None) -> int:
@@ -666,9 +691,14 @@ def main(argv=None) -> int:
     parser.add_argument("--longest", type=float, nargs="*", default=None,
                         help="longest context at these shares of full heads (no value: 0.25 and 1.0)")
     parser.add_argument("--check", action="store_true", help="logits vs float32 references; exit 1 over the bf16 noise floor")
-    parser.add_argument("--microbench", action="store_true")
+    parser.add_argument("--microbench", nargs="*", default=None, choices=["attention", "gemv"],
+                        help="kernel microbenchmarks: decode attention of one layer, each matrix product (both if none named)")
     parser.add_argument("--matmul", default=None, choices=["auto", "cublas"],
                         help="the decode step's matrix products: gemv_kernel (auto) or cuBLAS; default: fused.MATMUL")
+    parser.add_argument("--gemv-rows", type=int, default=None, choices=[1, 2, 3, 4],
+                        help="with --matmul auto: batches up to this many rows through gemv_kernel; default: fused.GEMV_ROWS")
+    parser.add_argument("--attention-config", type=json.loads, default={},
+                        help='changes to decode_kernel.CONFIG for this run, JSON, e.g. \'{"min_chunk": 256}\'')
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES), help="the random model's shape (--devices)")
     parser.add_argument("--devices", type=int, default=1, help="split the model by layers over this many GPUs of the host")
     parser.add_argument("--sharded-check", action="store_true", help="with --devices: one GPU vs sharded, logits and KV")
@@ -690,6 +720,8 @@ def main(argv=None) -> int:
         parser.error("--shape needs --devices (the one-GPU stages are the 8B shape's).")
     torch.backends.cuda.matmul.allow_tf32 = False
     fused.MATMUL = args.matmul or fused.MATMUL
+    fused.GEMV_ROWS = args.gemv_rows or fused.GEMV_ROWS
+    decode_kernel_config(args.attention_config)
     device_name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -715,7 +747,7 @@ def main(argv=None) -> int:
 
 def main_sharded(args, argv) -> int:
     """`--devices N` / `--dry-run`: `run_sharded`, its JSON and its table."""
-    if args.kinds or args.peak or args.profile or args.longest or args.check or args.microbench:
+    if args.kinds or args.peak or args.profile or args.longest or args.check or args.microbench is not None:
         raise SystemExit("With --devices > 1 only the decode rows (--contexts, --fractions, --batches) and --sharded-check run.")
     if not args.dry_run and torch.cuda.device_count() < args.devices:
         raise SystemExit(f"--devices {args.devices}: this host has {torch.cuda.device_count()} CUDA device(s).")
