@@ -161,6 +161,7 @@ def test_gemv_kernel_matches_f_linear(case, dtype):
         linear(x[..., 1:], w, b, gated=gated)
     too_many = x.repeat(MAX_ROWS + 1, 1, 1)
     assert supports(x[..., :k], w) and not supports(too_many[..., :k], w)  # five rows and more: cuBLAS
+    assert supports(x[..., :k], w, max_rows=rows) and not supports(x[..., :k], w, max_rows=rows - 1)  # fused.GEMV_ROWS
     with pytest.raises(ValueError, match="rows expected"):
         linear(too_many, w, b, gated=gated)
 

@@ -8,9 +8,10 @@ add folded into the next norm; SiLU * up) in one kernel each; the attention of a
 of the step's query and key included, is one Triton launch (`decode_kernel`), and at batch 1 every
 matrix product one Triton matrix-vector launch (`gemv_kernel`: no split-K reduce, a gated MLP's
 SiLU * up read inside the down projection; `MATMUL = "cublas"` keeps torch's, as batches above
-`GEMV_ROWS` always do). `FusedOps` hands them to the runtime's one layer function (`model.layer_forward`) in
-place of the modules, which `ModuleOps` calls: used only on CUDA in the "sdpa" path's decode step
-(`CompressedLM(fuse=True)`); the tests run them uncompiled on the CPU against the modules.
+`GEMV_ROWS` always do). `FusedOps` hands them to the runtime's one layer function
+(`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA in the
+"sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the CPU
+against the modules.
 """
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def _gemv_module():
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor):
     """`gemv_kernel` when `MATMUL` is "auto", `x` is on CUDA with at most `GEMV_ROWS` rows, Triton imports and the
     kernel takes this product, else None."""
-    kernel = _gemv_module() if MATMUL == "auto" and x.is_cuda and x.numel() <= GEMV_ROWS * x.shape[-1] else None
-    return kernel if kernel is not None and kernel.supports(x, weight) else None
+    kernel = _gemv_module() if MATMUL == "auto" and x.is_cuda else None
+    return kernel if kernel is not None and kernel.supports(x, weight, GEMV_ROWS) else None
 
 
 def is_silu(act) -> bool:

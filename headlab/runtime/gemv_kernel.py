@@ -15,8 +15,9 @@ At most 4 rows (`MAX_ROWS`, `supports`): at 16 the multiply-and-accumulate on CU
 weight element) would outlast the read, and a `tl.dot` form for 2-16 rows measured no faster than
 cuBLAS (its gated form recomputed SiLU for 16 padded rows in every program: 5x slower), so 5 rows
 and more stay with cuBLAS. 2-4 rows are exact (tests) but not yet timed on a GPU: the decode step
-gives them to this kernel only with `fused.GEMV_ROWS` raised (`runtime_benchmark.py --gemv-rows 4`). Imported only on CUDA with Triton present (and by the Triton
-interpreter, `TRITON_INTERPRET=1`, in tests).
+gives them to this kernel only with `fused.GEMV_ROWS` raised (`runtime_benchmark.py --gemv-rows 4`).
+Imported only on CUDA with Triton present (and by the Triton interpreter, `TRITON_INTERPRET=1`, in
+tests).
 """
 from __future__ import annotations
 
@@ -64,12 +65,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr, GA
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + feats, mask=inside, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + row[:, None] * N + feats[None, :], y.to(y_ptr.dtype.element_ty), mask=real[:, None] & inside[None, :])
+    tl.store(y_ptr + row[:, None] * N + feats[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=real[:, None] & inside[None, :])
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes this product: at most `MAX_ROWS` rows (tokens), a contiguous weight of the input's dtype."""
-    return (x.numel() <= MAX_ROWS * x.shape[-1] and weight.is_contiguous() and weight.dtype == x.dtype
+def supports(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether `linear` takes this product: at most `max_rows` (and `MAX_ROWS`) rows (tokens), a contiguous weight of
+    the input's dtype."""
+    return (x.numel() <= min(max_rows, MAX_ROWS) * x.shape[-1] and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.device == x.device)
 
 
