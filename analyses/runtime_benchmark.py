@@ -28,13 +28,11 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   against float32. Any runtime error over `CHECK_TOLERANCE` x that floor fails the run (exit 1).
 - `--microbench [attention] [gemv]` (both if none named): one layer's decode attention alone (the
   Triton kernel, in a CUDA graph) against the copy-bandwidth floor of its bytes, for a few kernel
-  configurations; and each matrix product of the step at 1 and 4 tokens (`gemv_kernel` against
-  cuBLAS, each shape of the 8B model, the gated down projection against `silu_mul` + cuBLAS), over
-  enough copies of the weight that nothing is in L2.
+  configurations; and each matrix product of the batch-1 step (`gemv_kernel` against cuBLAS, each
+  shape of the 8B model, the gated down projection against `silu_mul` + cuBLAS), over enough copies
+  of the weight that nothing is in L2.
 - `--matmul auto|cublas`: the decode step's matrix products through `gemv_kernel` or `F.linear`
-  (cuBLAS), overriding `fused.MATMUL`; `--gemv-rows 4`: batches of up to 4 through `gemv_kernel`
-  (`fused.GEMV_ROWS`, 1 by default: 2-4 rows compute exactly but are not yet timed);
-  `--attention-config '{"min_chunk": 256}'`: changes to the attention kernel's `decode_kernel.CONFIG`;
+  (cuBLAS), overriding `fused.MATMUL`; `--attention-config '{"min_chunk": 256}'`: changes to the attention kernel's `decode_kernel.CONFIG`;
   all for same-card comparisons.
 - `--kinds`: the old table, the `MaskConfig` mask (50%) against `hf_full` (DynamicCache), `hf_static`
   (StaticCache + CUDA graph), `kvpress_duo` (kvpress' DuoAttentionPress; needs transformers<5.3, so
@@ -302,14 +300,11 @@ def microbench(bw: float, cases=((2, 6, 8192, 1), (8, 0, 8192, 1), (2, 6, 32768,
 
 GEMV_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                "lm_head": (128256, 4096)}  # Llama-3.1-8B, packed as the fused step runs them: [out, in]
-GEMV_CONFIGS = {  # by input rows: changes to gemv_kernel.CONFIGS[rows]
-    1: ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k": 1024}, {"num_stages": 2}, {"num_stages": 4},
-        {"num_warps": 8}),
-    4: ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 64}, {"block_k": 256}, {"num_stages": 2}, {"num_stages": 4},
-        {"num_warps": 8}, {"block_n": 16, "block_k": 64}, {"block_n": 4, "block_k": 256})}
+GEMV_CONFIGS = ({}, {"block_n": 4}, {"block_n": 16}, {"block_k": 256}, {"block_k": 1024}, {"num_stages": 2},
+                {"num_stages": 4}, {"num_warps": 8})  # changes to gemv_kernel.CONFIG
 
 
-def gemv_microbench(bw: float, batches=(1, 4), copies_bytes: int = 3 << 30) -> list[dict]:
+def gemv_microbench(bw: float, batches=(1,), copies_bytes: int = 3 << 30) -> list[dict]:
     """Each matrix product of the 8B decode step: `gemv_kernel.linear` (each of `GEMV_CONFIGS`) against cuBLAS
     (`torch.matmul`), ms per product in a CUDA graph over copies of the weight (3 GiB of them: none in L2), and the
     gated down projection (`[gate | up]` in, SiLU * up inside) against the compiled `silu_mul` + cuBLAS."""
@@ -327,7 +322,7 @@ def gemv_microbench(bw: float, batches=(1, 4), copies_bytes: int = 3 << 30) -> l
                    "cublas": _graph_ms(lambda i=0: torch.matmul(x, weights[i].t()), calls=copies)}
             expected = F.linear(x.float(), weights[0].float())
             row["error"] = rel(gemv_kernel.linear(x, weights[0]), expected)
-            for config in GEMV_CONFIGS[batch]:
+            for config in GEMV_CONFIGS:
                 try:
                     row[json.dumps(config)] = _graph_ms(lambda i=0, c=config: gemv_kernel.linear(x, weights[i], **c),
                                                         calls=copies)
@@ -695,8 +690,6 @@ def main(argv=None) -> int:
                         help="kernel microbenchmarks: decode attention of one layer, each matrix product (both if none named)")
     parser.add_argument("--matmul", default=None, choices=["auto", "cublas"],
                         help="the decode step's matrix products: gemv_kernel (auto) or cuBLAS; default: fused.MATMUL")
-    parser.add_argument("--gemv-rows", type=int, default=None, choices=[1, 2, 3, 4],
-                        help="with --matmul auto: batches up to this many rows through gemv_kernel; default: fused.GEMV_ROWS")
     parser.add_argument("--attention-config", type=json.loads, default={},
                         help='changes to decode_kernel.CONFIG for this run, JSON, e.g. \'{"min_chunk": 256}\'')
     parser.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES), help="the random model's shape (--devices)")
@@ -720,7 +713,6 @@ def main(argv=None) -> int:
         parser.error("--shape needs --devices (the one-GPU stages are the 8B shape's).")
     torch.backends.cuda.matmul.allow_tf32 = False
     fused.MATMUL = args.matmul or fused.MATMUL
-    fused.GEMV_ROWS = args.gemv_rows or fused.GEMV_ROWS
     decode_kernel_config(args.attention_config)
     device_name = torch.cuda.get_device_name()
     bw = copy_bandwidth()

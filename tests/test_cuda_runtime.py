@@ -129,45 +129,40 @@ def test_decode_kernel_soft_caps_the_scores():
     assert rel(uncapped, expected) > 1e-2
 
 
-GEMV_CASES = [  # n, k, bias, gated, rows
-    (300, 520, False, False, 1),  # k not a multiple of the block, n not a multiple of block_n
-    (64, 256, True, True, 1),  # the down projection reading [gate | up], with a bias
-    (70, 200, True, False, 4),  # four tokens: each weight row read once for all of them
-    (64, 300, False, True, 3),  # three tokens padded to four, gated
+GEMV_CASES = [  # n, k, bias, gated
+    (300, 520, False, False),  # k not a multiple of the block, n not a multiple of block_n
+    (64, 256, True, True),  # the down projection reading [gate | up], with a bias
+    (70, 200, True, False),
 ]
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", GEMV_CASES, ids=[f"{'bias' if c[2] else 'nobias'}-{'gated' if c[3] else 'plain'}-{c[0]}"
-                                                  f"x{c[4]}" for c in GEMV_CASES])
+                                                  for c in GEMV_CASES])
 def test_gemv_kernel_matches_f_linear(case, dtype):
-    """The matrix-vector kernel computes `F.linear` (of `F.silu(gate) * up` when gated) for 1-4 rows; 5 go to cuBLAS."""
+    """The batch-1 matrix-vector kernel computes `F.linear` (of `F.silu(gate) * up` when gated); it takes one row only."""
     import torch.nn.functional as F
 
-    from headlab.runtime.gemv_kernel import MAX_ROWS, linear, supports
+    from headlab.runtime.gemv_kernel import linear, supports
 
-    n, k, bias, gated, rows = case
+    n, k, bias, gated = case
     if dtype == torch.bfloat16 and not CUDA:
         pytest.skip("bf16 under the interpreter: float32 covers the logic")
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(rows, 1, 2 * k if gated else k, generator=g).to(dtype).to(KERNEL_DEVICE)
+    x = torch.randn(1, 1, 2 * k if gated else k, generator=g).to(dtype).to(KERNEL_DEVICE)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(KERNEL_DEVICE)
     b = torch.randn(n, generator=g).to(dtype).to(KERNEL_DEVICE) if bias else None
     inputs = F.silu(x[..., :k]) * x[..., k:] if gated else x
     expected = F.linear(inputs.double(), w.double(), None if b is None else b.double())
     out = linear(x, w, b, gated=gated, block_k=128)
-    assert out.shape == (rows, 1, n) and out.dtype == dtype
+    assert out.shape == (1, 1, n) and out.dtype == dtype
     assert rel(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
-    for row in range(rows):  # each token's product is its own: no row reads another's input
-        assert rel(out[row], expected[row]) < (1e-5 if dtype == torch.float32 else 1e-2)
     with pytest.raises(ValueError, match="input width"):
         linear(x[..., 1:], w, b, gated=gated)
-    too_many = x.repeat(MAX_ROWS + 1, 1, 1)
-    assert supports(x[..., :k], w) and not supports(too_many[..., :k], w)  # five rows and more: cuBLAS
-    assert supports(x[..., :k], w, max_rows=rows) and not supports(x[..., :k], w, max_rows=rows - 1)  # fused.GEMV_ROWS
-    with pytest.raises(ValueError, match="rows expected"):
-        linear(too_many, w, b, gated=gated)
+    assert supports(x[..., :k], w) and not supports(torch.cat([x, x])[..., :k], w)  # two rows: cuBLAS
+    with pytest.raises(ValueError, match="one row"):
+        linear(torch.cat([x, x]), w, b, gated=gated)
 
 
 def _tiny_llama(dtype):
@@ -261,13 +256,12 @@ def test_compiled_fused_pieces_match_their_eager_functions(name):
 @pytest.mark.parametrize("matmul", ["cublas", "auto"])
 def test_fused_decode_step_matches_the_module_step(tiny_gpu_llama, matmul, monkeypatch):
     """The fused, packed decode step (`fuse=True`; its products by cuBLAS or by the Triton matrix-vector kernel) and
-    the modules' own step (`fuse=False`) give the same logits, at batch 1, 3 and 6."""
+    the modules' own step (`fuse=False`) give the same logits, at batch 1 and 3."""
     from headlab.runtime import CompressedLM, fused as fused_ops
 
     monkeypatch.setattr(fused_ops, "MATMUL", matmul)
-    monkeypatch.setattr(fused_ops, "GEMV_ROWS", 4)  # as `runtime_benchmark.py --gemv-rows 4` runs it
     mask = _mixed_mask(tiny_gpu_llama)
-    for batch in (1, 3, 6):  # the matrix-vector kernel for one row and for three (padded to four); six: cuBLAS
+    for batch in (1, 3):  # one row: the matrix-vector kernel (with "auto"); three: cuBLAS
         tokens = torch.randint(0, 512, (batch, 90), generator=torch.Generator().manual_seed(2)).cuda()
         plain = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=False), tokens, 70)
         fused = _decode(CompressedLM(tiny_gpu_llama, mask, chunk_size=32, max_length=90, fuse=True), tokens, 70)

@@ -7,11 +7,10 @@ Gemma's `x * (1 + w)` in float32, OLMo 2's `w * x` in float32, GPT-NeoX's LayerN
 add folded into the next norm; SiLU * up) in one kernel each; the attention of all KV heads, RoPE
 of the step's query and key included, is one Triton launch (`decode_kernel`), and at batch 1 every
 matrix product one Triton matrix-vector launch (`gemv_kernel`: no split-K reduce, a gated MLP's
-SiLU * up read inside the down projection; `MATMUL = "cublas"` keeps torch's, as batches above
-`GEMV_ROWS` always do). `FusedOps` hands them to the runtime's one layer function
-(`model.layer_forward`) in place of the modules, which `ModuleOps` calls: used only on CUDA in the
-"sdpa" path's decode step (`CompressedLM(fuse=True)`); the tests run them uncompiled on the CPU
-against the modules.
+SiLU * up read inside the down projection; `MATMUL = "cublas"` keeps torch's, as batches above 1
+always do). `FusedOps` hands them to the runtime's one layer function (`model.layer_forward`) in
+place of the modules, which `ModuleOps` calls: used only on CUDA in the "sdpa" path's decode step
+(`CompressedLM(fuse=True)`); the tests run them uncompiled on the CPU against the modules.
 """
 from __future__ import annotations
 
@@ -24,11 +23,6 @@ from torch import nn
 from headlab.runtime.attention import apply_rotary
 
 MATMUL = "auto"  # "auto": the decode step's matrix products as `gemv_kernel` on CUDA when Triton imports; "cublas": F.linear
-# Rows (tokens) up to which "auto" takes `gemv_kernel`: 1, the batch-1 step measured at 1.01-1.11x the HBM floor on an
-# H100 (2026-12-07). The kernel computes up to `gemv_kernel.MAX_ROWS` (4) rows exactly (tests, Triton's interpreter),
-# but 2-4 rows are not yet timed on a GPU, so batches 2-4 stay with cuBLAS until `runtime_benchmark.py --gemv-rows 4`
-# measures them.
-GEMV_ROWS = 1
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
@@ -74,10 +68,9 @@ def _gemv_module():
 
 
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor):
-    """`gemv_kernel` when `MATMUL` is "auto", `x` is on CUDA with at most `GEMV_ROWS` rows, Triton imports and the
-    kernel takes this product, else None."""
+    """`gemv_kernel` when `MATMUL` is "auto", `x` is on CUDA, Triton imports and the kernel takes this product, else None."""
     kernel = _gemv_module() if MATMUL == "auto" and x.is_cuda else None
-    return kernel if kernel is not None and kernel.supports(x, weight, GEMV_ROWS) else None
+    return kernel if kernel is not None and kernel.supports(x, weight) else None
 
 
 def is_silu(act) -> bool:
