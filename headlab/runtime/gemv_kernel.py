@@ -15,7 +15,7 @@ Batch 1 only; more rows stay with cuBLAS (`supports`). Two forms for several row
 an H100 and lost: a `tl.dot` version for 4 or 16 rows was no faster than cuBLAS (slower for
 gate/up) and its gated form recomputed SiLU over every row in every program (5x slower); this
 kernel with a rows dimension (`[rows, block_n, block_k]`, each weight element read once for 4
-rows) took 1.15-1.34x cuBLAS's time per product at its best configuration (1.34-1.80x at the
+rows) took 1.15-1.34x cuBLAS's time per product at its best configuration (1.18-1.80x at the
 shipped one) and made the batch-4 step at 8k 10.3-11.5 ms against cuBLAS's 6.75-7.9 ms
 (2026-12-07, analyses/README.md). Imported only on CUDA with Triton present (and by the Triton
 interpreter, `TRITON_INTERPRET=1`, in tests).
