@@ -28,8 +28,8 @@ import triton.language as tl
 
 # Keys per block, programs to aim for (two per SM), the fewest keys a program reads (`min_chunk`: at short contexts
 # fewer, longer splits leave the combine less to merge; 256 measured 14.0 -> 12.4 us a layer alone at 8k, 2 full +
-# 6 streaming heads, neutral at 32k and 128k, on an H100, 2026-12-07, but not yet in a whole step, so not the
-# default), warps, pipeline stages (None: 3 at batch 1, else 2). Chosen
+# 6 streaming heads, neutral at 32k and 128k, but within 1% in whole steps at batch 1 and 4, on an H100, 2026-12-07,
+# so not the default), warps, pipeline stages (None: 3 at batch 1, else 2). Chosen
 # on an H100, 2026-12-05 (analyses/runtime_benchmark.py --microbench): fewer, longer splits than 4 programs per SM
 # leave the combine less to merge (at 528 it took 8-20 us a layer); a third stage keeps more loads in flight at
 # batch 1 (8 full heads at 128k: 1.08x the floor against 1.14x) but costs a third at batch 16 (1.53x against 1.14x).
