@@ -32,8 +32,8 @@ decode step is (weight bytes + KV bytes held) / the measured device-to-device co
   shape of the 8B model, the gated down projection against `silu_mul` + cuBLAS), over enough copies
   of the weight that nothing is in L2.
 - `--matmul auto|cublas`: the decode step's matrix products through `gemv_kernel` or `F.linear`
-  (cuBLAS), overriding `fused.MATMUL`; `--attention-config '{"min_chunk": 256}'`: changes to the attention kernel's `decode_kernel.CONFIG`;
-  all for same-card comparisons.
+  (cuBLAS), overriding `fused.MATMUL`; `--attention-config '{"min_chunk": 256}'`: changes to the
+  attention kernel's `decode_kernel.CONFIG`; both for same-card comparisons.
 - `--kinds`: the old table, the `MaskConfig` mask (50%) against `hf_full` (DynamicCache), `hf_static`
   (StaticCache + CUDA graph), `kvpress_duo` (kvpress' DuoAttentionPress; needs transformers<5.3, so
   its own environment, merged at render time) and `compressed`, with a real prefill.
