@@ -78,8 +78,8 @@ TARGET_KV, TARGET_FLOOR, TARGET_PEAK_SLACK = 1.05, 1.3, 2 * GIB  # the --kinds t
 TARGET_BUDGET_FLOOR = 1.15  # the budget table's: decode / HBM floor at every context, budget and batch
 CHECK_TOLERANCE = 1.5  # --check fails when a runtime error exceeds this multiple of the measured bf16 noise floor
 SHARDED_TOLERANCE = 5e-3  # --sharded-check: relative L2 error of the sharded run's logits against one GPU's (bf16)
-MICROBENCH_CONFIGS = ({}, {"min_chunk": 256}, {"min_chunk": 512}, {"min_chunk": 1024}, {"programs": 132},
-                      {"num_stages": 2}, {"programs": 528})
+MICROBENCH_CONFIGS = ({}, {"min_chunk": 256}, {"min_chunk": 1024}, {"programs": 132}, {"programs": 528},
+                      {"num_stages": 2}, {"num_stages": 3}, {"num_warps": 8}, {"block_n": 32}, {"block_n": 128})
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -268,7 +268,7 @@ def _graph_ms(fn, calls: int = 16, repeats: int = 10) -> float:
 
 
 def microbench(bw: float, cases=((2, 6, 8192, 1), (8, 0, 8192, 1), (2, 6, 32768, 1), (2, 6, 131072, 1), (8, 0, 131072, 1),
-                                 (2, 6, 32768, 16)),
+                                 (2, 6, 8192, 4), (8, 0, 8192, 4), (2, 6, 32768, 4), (2, 6, 32768, 16)),
                group: int = 4, d: int = 128, window: int = 320, layers: int = 4) -> list[dict]:
     """One layer's decode attention alone (`decode_layer`: append + attend + combine) for `(n_full, n_stream,
     length, batch)` cases and each of `MICROBENCH_CONFIGS`, in a CUDA graph cycling over `layers` layers' buffers (so
